@@ -1,0 +1,144 @@
+"""The mask bank: every frozen mask of one layer, bit-packed, one row per learned task.
+
+Storage is ``[k, ⌈P/8⌉] uint8`` (1 bit per weight) in a growable buffer, plus the running
+sum of masks ``[P] float32`` so that the uniform superposition (the mean mask) costs nothing.
+Superposition and its α-gradient are computed from the packed bits in chunks of tasks, never
+through a float ``[k, P]`` tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from supsup.masks import pack_bits, packed_size, unpack_bits
+
+#: Float elements one unpacked chunk may hold (64 MiB of float32).
+CHUNK_ELEMENTS = 1 << 24
+
+
+class MaskBank(nn.Module):
+    """Frozen binary masks of one layer with weight shape ``shape``; row t is task t.
+
+    A module only so that ``.to(device)`` moves it with its layer; checkpoints store ``packed``.
+    """
+
+    def __init__(self, shape: torch.Size | tuple[int, ...], device: torch.device | str | None = None,
+                 capacity: int = 8):
+        super().__init__()
+        self.shape = torch.Size(shape)
+        self.num_weights = self.shape.numel()
+        self.row_bytes = packed_size(self.num_weights)
+        self.register_buffer("_packed", torch.zeros(max(capacity, 1), self.row_bytes, dtype=torch.uint8,
+                                                    device=device), persistent=False)
+        self.register_buffer("mask_sum", torch.zeros(self.num_weights, dtype=torch.float32, device=device),
+                             persistent=False)
+        self.num_tasks = 0
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.shape)}, tasks={self.num_tasks}, bytes_per_task={self.row_bytes}"
+
+    # ----------------------------------------------------------------- storage
+    @property
+    def device(self) -> torch.device:
+        return self._packed.device
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """``[k, ⌈P/8⌉] uint8`` view of the learned rows."""
+        return self._packed[: self.num_tasks]
+
+    @property
+    def nbytes_per_task(self) -> int:
+        """Bytes one task's mask costs in this bank: ⌈P/8⌉."""
+        return self.row_bytes
+
+    def _reserve(self, rows: int) -> None:
+        if rows <= self._packed.shape[0]:
+            return
+        capacity = max(rows, 2 * self._packed.shape[0])
+        grown = torch.zeros(capacity, self.row_bytes, dtype=torch.uint8, device=self.device)
+        grown[: self.num_tasks] = self.packed
+        self._packed = grown
+
+    def add(self, masks: torch.Tensor) -> list[int]:
+        """Append masks ``[*shape]`` or ``[n, *shape]`` (any dtype, nonzero = kept); returns task ids."""
+        if masks.shape == self.shape:
+            masks = masks.unsqueeze(0)
+        if masks.shape[1:] != self.shape:
+            raise ValueError(f"mask shape {tuple(masks.shape[1:])} does not match weight shape {tuple(self.shape)}")
+        flat = masks.reshape(masks.shape[0], -1).to(device=self.device, dtype=torch.bool)
+        first = self.num_tasks
+        self._reserve(first + flat.shape[0])
+        self._packed[first : first + flat.shape[0]] = pack_bits(flat)
+        self.mask_sum += flat.sum(0, dtype=torch.float32)
+        self.num_tasks += flat.shape[0]
+        return list(range(first, self.num_tasks))
+
+    def load_packed(self, packed: torch.Tensor) -> None:
+        """Replace the contents with ``[k, ⌈P/8⌉] uint8`` rows (e.g. from a checkpoint)."""
+        if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != self.row_bytes:
+            raise ValueError(f"expected packed masks [k, {self.row_bytes}] uint8, got {tuple(packed.shape)} {packed.dtype}")
+        self.num_tasks = 0
+        self._packed = torch.zeros(max(packed.shape[0], 1), self.row_bytes, dtype=torch.uint8, device=self.device)
+        self.mask_sum.zero_()
+        for _, chunk in self._chunks(packed.to(self.device), torch.float32):
+            self.mask_sum += chunk.sum(0)
+        self._packed[: packed.shape[0]] = packed.to(self.device)
+        self.num_tasks = packed.shape[0]
+
+    # ----------------------------------------------------------------- reading
+    def _check_task(self, task: int) -> None:
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} is not learned: this bank holds tasks 0..{self.num_tasks - 1}")
+
+    def mask(self, task: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """Mask of one task, ``[*shape]``."""
+        self._check_task(task)
+        return unpack_bits(self._packed[task], self.num_weights, dtype).view(self.shape)
+
+    def masks(self, tasks: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """Masks of several tasks, ``[n, *shape]`` (n small: this is a float/bool copy)."""
+        return unpack_bits(self._packed[tasks], self.num_weights, dtype).view(-1, *self.shape)
+
+    def chunk_rows(self) -> int:
+        return max(1, CHUNK_ELEMENTS // self.num_weights)
+
+    def _chunks(self, packed: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+        rows = self.chunk_rows()
+        for start in range(0, packed.shape[0], rows):
+            yield start, unpack_bits(packed[start : start + rows], self.num_weights, dtype)
+
+    def iter_masks(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(first_task, masks [c, P])`` over the learned tasks in bounded-memory chunks."""
+        return self._chunks(self.packed, dtype)
+
+    # ----------------------------------------------------------- superposition
+    def mean_mask(self) -> torch.Tensor:
+        """Σ_i M_i / k as ``[*shape] float32`` (the uniform-α superposition), from the running sum."""
+        if self.num_tasks == 0:
+            raise RuntimeError("the mask bank is empty: learn a task first")
+        return (self.mask_sum / self.num_tasks).view(self.shape)
+
+    def superpose(self, alpha: torch.Tensor) -> torch.Tensor:
+        """Σ_i α_i M_i for ``alpha [k]`` -> ``[*shape] float32``."""
+        self._check_alpha(alpha)
+        mix = torch.zeros(self.num_weights, dtype=torch.float32, device=self.device)
+        alpha = alpha.to(torch.float32)
+        for start, chunk in self.iter_masks():
+            mix += alpha[start : start + chunk.shape[0]] @ chunk
+        return mix.view(self.shape)
+
+    def contract(self, grad: torch.Tensor) -> torch.Tensor:
+        """``[k] = M @ g`` for ``g [*shape]``: ∂L/∂α_i when ``g = ∂L/∂(Σα M) = ∂L/∂W_eff ⊙ W``."""
+        g = grad.reshape(-1).to(torch.float32)
+        out = torch.empty(self.num_tasks, dtype=torch.float32, device=self.device)
+        for start, chunk in self.iter_masks():
+            out[start : start + chunk.shape[0]] = chunk @ g
+        return out
+
+    def _check_alpha(self, alpha: torch.Tensor) -> None:
+        if alpha.shape[-1] != self.num_tasks:
+            raise ValueError(f"alpha has {alpha.shape[-1]} entries but {self.num_tasks} tasks are learned")

@@ -1,0 +1,116 @@
+"""Evaluation protocols over a task stream: GG (task given), GNs / GNu (task inferred).
+
+- GG: accuracy of each task's test set with its own mask.
+- GNu, paper rule (granularity ``image``/``batch``): the test set is cut into shuffled batches of
+  128; one inference per batch; a wrong task makes the whole batch wrong, a right one classifies it
+  with that task's mask. GNu per-sample rule (``sample``): each sample's task is inferred; a sample
+  is right only if its task and its class are both right.
+- GNs: labels are shared, so only the class counts: the batch (or sample) is classified with the
+  inferred mask, whatever task it is.
+Predictions are the argmax over the real classes (the superfluous outputs only serve inference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from supsup.data.streams import TaskStream
+from supsup.inference import Inference, infer_tasks
+from supsup.model import SupermaskModel
+from supsup.seeding import generator
+
+SCENARIOS = ("GG", "GNs", "GNu")
+
+
+@dataclass
+class TaskResult:
+    """Per-task figures; ``None`` where the scenario does not infer tasks."""
+
+    task: int
+    accuracy: float
+    task_inference_accuracy: float | None = None
+    accuracy_inferred: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class Evaluation:
+    scenario: str
+    tasks: list[TaskResult] = field(default_factory=list)
+
+    @property
+    def average_accuracy(self) -> float:
+        return sum(t.accuracy for t in self.tasks) / len(self.tasks)
+
+    @property
+    def average_accuracy_inferred(self) -> float | None:
+        values = [t.accuracy_inferred for t in self.tasks if t.accuracy_inferred is not None]
+        return sum(values) / len(values) if values else None
+
+    @property
+    def average_task_inference_accuracy(self) -> float | None:
+        values = [t.task_inference_accuracy for t in self.tasks if t.task_inference_accuracy is not None]
+        return sum(values) / len(values) if values else None
+
+
+@torch.no_grad()
+def predict(model: SupermaskModel, x: torch.Tensor, task, batch_size: int = 2000) -> torch.Tensor:
+    """Class predictions ``[N]`` over the real classes with the given task(s)."""
+    classes = model.num_classes or model.output_size
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        t = task[start : start + batch_size] if isinstance(task, torch.Tensor) else task
+        out.append(model(x[start : start + batch_size], t)[:, :classes].argmax(-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_task(model: SupermaskModel, stream: TaskStream, task: int, scenario: str = "GG",
+                  how: Inference = Inference(), batch_size: int = 128, seed: int = 0) -> TaskResult:
+    """Figures of one learned task on its test set under ``scenario``."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
+    model.eval()
+    x, y = stream.test_set(task)
+    correct_given = predict(model, x, task) == y
+    result = TaskResult(task, correct_given.float().mean().item())
+    if scenario == "GG":
+        return result
+    order = torch.randperm(x.shape[0], generator=generator(seed, "test-order", task)).to(x.device)
+    right_task = right = 0
+    for start in range(0, x.shape[0], batch_size):
+        idx = order[start : start + batch_size]
+        inferred = infer_tasks(model, x[idx], how)
+        if inferred.dim() == 0:  # one task for the whole batch
+            task_ok = int(inferred) == task
+            right_task += task_ok * idx.numel()
+            if task_ok:
+                right += int(correct_given[idx].sum())
+            elif scenario == "GNs":
+                right += int((predict(model, x[idx], int(inferred)) == y[idx]).sum())
+        else:
+            task_ok = inferred == task
+            right_task += int(task_ok.sum())
+            class_ok = predict(model, x[idx], inferred) == y[idx]
+            right += int((class_ok if scenario == "GNs" else class_ok & task_ok).sum())
+    n = x.shape[0]
+    result.task_inference_accuracy, result.accuracy_inferred = right_task / n, right / n
+    return result
+
+
+def evaluate(model: SupermaskModel, stream: TaskStream, scenario: str = "GG", how: Inference = Inference(),
+             tasks: list[int] | None = None, seed: int = 0,
+             on_task: Callable[[TaskResult], None] | None = None) -> Evaluation:
+    """Evaluate every learned task (or ``tasks``) under ``scenario``."""
+    evaluation = Evaluation(scenario)
+    for t in tasks if tasks is not None else range(model.num_tasks):
+        result = evaluate_task(model, stream, t, scenario, how, seed=seed)
+        evaluation.tasks.append(result)
+        if on_task is not None:
+            on_task(result)
+    return evaluation

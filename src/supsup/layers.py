@@ -1,0 +1,338 @@
+"""Supermask layers: a frozen random weight (only its seed is stored), the scores of the task(s)
+being trained, and a bank of frozen masks. One forward serves every way of choosing masks.
+
+How a forward picks masks is set by the owning model through ``layer.route``:
+- ``int t``            : task t for the whole batch (trained: mask from scores; learned: from the bank);
+- ``list[int]`` (K ids): the batch is K equal stacked chunks, chunk j uses task ids[j] (batched training);
+- ``Superposition``    : W ⊙ Σ_i α_i M_i over the learned tasks, α shared ``[k]`` or per sample ``[B, k]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supsup.bank import MaskBank
+from supsup.masks import threshold_mask, topk_keep, topk_mask
+from supsup.seeding import generator
+
+MASK_RULES = ("threshold", "topk")
+
+
+@dataclass
+class Superposition:
+    """Mixing weights over the learned masks: ``alpha`` is ``[k]`` (shared) or ``[B, k]`` (per sample).
+
+    ``uniform=True`` promises every row of ``alpha`` is 1/k, which lets the forward pass use the
+    bank's running mean mask instead of reading every mask.
+    """
+
+    alpha: torch.Tensor
+    uniform: bool = False
+
+    @property
+    def per_sample(self) -> bool:
+        return self.alpha.dim() == 2
+
+
+Route = Union[int, list, Superposition, None]
+
+
+def signed_kaiming_constant(shape: tuple[int, ...], fan_in: int, seed: int) -> torch.Tensor:
+    """±sqrt(2 / fan_in) with fair-coin signs from ``seed`` (the paper's signed Kaiming constant)."""
+    signs = torch.randint(0, 2, shape, generator=generator(seed, "weight-signs"), dtype=torch.int8)
+    return (signs.float() * 2 - 1) * math.sqrt(2.0 / fan_in)
+
+
+class SupermaskLayer(nn.Module):
+    """Base of masked layers. Subclasses implement ``_forward_with(x, weight)`` and
+    ``_multi_forward(x, weights [c, *shape]) -> [B, c, *out]``."""
+
+    weight: torch.Tensor
+
+    def _init_supermask(self, shape: tuple[int, ...], fan_in: int, seed: int, rule: str, density: float | None):
+        if rule not in MASK_RULES:
+            raise ValueError(f"unknown mask rule {rule!r}; expected one of {MASK_RULES}")
+        if rule == "topk" and (density is None or not 0 < density <= 1):
+            raise ValueError(f"the topk rule needs a density in (0, 1], got {density}")
+        self.seed, self.fan_in, self.rule, self.density = seed, fan_in, rule, density
+        self.register_buffer("weight", signed_kaiming_constant(shape, fan_in, seed), persistent=False)
+        self.bank = MaskBank(shape)
+        self.scores: nn.Parameter | None = None
+        self.training_tasks: list[int] = []
+        self.route: Route = None
+        self._cached: tuple[int, int, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------- task life
+    @property
+    def num_learned(self) -> int:
+        return self.bank.num_tasks
+
+    def begin_tasks(self, task_ids: list[int], init_scores: torch.Tensor | None = None) -> None:
+        """Create trainable scores ``[K, *shape]`` for new tasks (Kaiming-uniform, seeded per task)."""
+        bound = 1.0 / math.sqrt(self.fan_in)
+        if init_scores is None:
+            rows = [torch.empty(self.weight.shape).uniform_(-bound, bound, generator=generator(self.seed, "scores", t))
+                    for t in task_ids]
+            init_scores = torch.stack(rows)
+        self.scores = nn.Parameter(init_scores.to(self.weight.device, torch.float32).clone())
+        self.training_tasks = list(task_ids)
+
+    def training_masks(self) -> torch.Tensor:
+        """Float masks ``[K, *shape]`` of the tasks being trained, with the straight-through gradient."""
+        if self.scores is None:
+            raise RuntimeError("no task is being trained: call begin_tasks first")
+        if self.rule == "threshold":
+            return threshold_mask(self.scores)
+        return torch.stack([topk_mask(s, self.density) for s in self.scores])
+
+    @torch.no_grad()
+    def end_tasks(self) -> None:
+        """Freeze the trained masks into the bank (1 bit per weight) and drop the float scores."""
+        if self.scores is None:
+            return
+        if self.rule == "threshold":
+            masks = self.scores >= 0
+        else:
+            masks = torch.stack([topk_keep(s.abs(), self.density) for s in self.scores])
+        expected = self.bank.num_tasks
+        if self.training_tasks != list(range(expected, expected + len(self.training_tasks))):
+            raise RuntimeError(f"tasks {self.training_tasks} must follow the {expected} learned ones")
+        self.bank.add(masks)
+        self.scores = None
+        self.training_tasks = []
+        self._cached = None
+
+    # ------------------------------------------------------------------ masks
+    def _task_weight(self, task: int) -> torch.Tensor:
+        if task in self.training_tasks:
+            return self.weight * self.training_masks()[self.training_tasks.index(task)]
+        if self._cached is not None and self._cached[:2] == (task, self.bank.num_tasks):
+            return self._cached[2]
+        effective = self.weight * self.bank.mask(task, self.weight.dtype)
+        self._cached = (task, self.bank.num_tasks, effective)
+        return effective
+
+    def _stacked_weights(self, tasks: list[int]) -> torch.Tensor:
+        """``[K, *shape]`` effective weights of a list of tasks (trained or learned)."""
+        if tasks == self.training_tasks:
+            return self.weight * self.training_masks()
+        return torch.stack([self._task_weight(t) for t in tasks])
+
+    def _check_task(self, task: int) -> None:
+        if task in self.training_tasks:
+            return
+        if not isinstance(task, int) or not 0 <= task < self.bank.num_tasks:
+            known = f"0..{self.bank.num_tasks - 1}" if self.bank.num_tasks else "none"
+            raise IndexError(f"task {task!r} is neither learned (learned: {known}) nor being trained "
+                             f"(training: {self.training_tasks})")
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.route
+        if route is None:
+            raise RuntimeError("supermask layer called without a task: call it through SupermaskModel.forward")
+        if isinstance(route, Superposition):
+            if self.bank.num_tasks == 0:
+                raise RuntimeError("superposition needs at least one learned task")
+            if route.per_sample:
+                return _PerSampleSuperpose.apply(x, route.alpha, self, route.uniform)
+            return self._forward_with(x, self.weight * _Superpose.apply(route.alpha, self.bank, route.uniform))
+        if isinstance(route, list):
+            for t in route:
+                self._check_task(t)
+            return self._stacked_forward(x, self._stacked_weights(route))
+        self._check_task(route)
+        return self._forward_with(x, self._task_weight(route))
+
+    def _stacked_forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _multi_forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Superpose(torch.autograd.Function):
+    """mix = Σ_i α_i M_i from the bank; ∂L/∂α = M @ ∂L/∂mix, straight from packed bits."""
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, bank: MaskBank, uniform: bool) -> torch.Tensor:
+        ctx.bank = bank
+        if uniform:
+            return bank.mask_sum.view(bank.shape) * alpha[0]
+        return bank.superpose(alpha)
+
+    @staticmethod
+    def backward(ctx, grad_mix: torch.Tensor):
+        return ctx.bank.contract(grad_mix), None, None
+
+
+class _PerSampleSuperpose(torch.autograd.Function):
+    """y_b = Σ_i α_bi f(x_b; W ⊙ M_i) with α ``[B, k]``; ∂L/∂α_bi = <f(x_b; W ⊙ M_i), ∂L/∂y_b>.
+
+    Computed over chunks of tasks (each chunk unpacked once, recomputed in backward): no float
+    ``[k, P]`` tensor is kept. With ``uniform`` the forward is a single pass with the mean mask.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, layer: SupermaskLayer, uniform: bool):
+        ctx.layer, ctx.uniform = layer, uniform
+        ctx.save_for_backward(x, alpha)
+        bank = layer.bank
+        if uniform:
+            return layer._forward_with(x, layer.weight * bank.mean_mask())
+        out = None
+        for start, chunk in bank.iter_masks(layer.weight.dtype):
+            ys = layer._multi_forward(x, layer.weight * chunk.view(-1, *bank.shape))  # [B, c, *out]
+            a = alpha[:, start : start + chunk.shape[0]].reshape(*alpha.shape[:1], -1, *([1] * (ys.dim() - 2)))
+            part = (a * ys).sum(1)
+            out = part if out is None else out + part
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, alpha = ctx.saved_tensors
+        layer, bank = ctx.layer, ctx.layer.bank
+        grad_alpha = torch.empty_like(alpha)
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        for start, chunk in bank.iter_masks(layer.weight.dtype):
+            weights = layer.weight * chunk.view(-1, *bank.shape)
+            stop = start + chunk.shape[0]
+            with torch.enable_grad():
+                xr = x.detach().requires_grad_(grad_x is not None and not ctx.uniform)
+                ys = layer._multi_forward(xr, weights)  # [B, c, *out]
+                g = grad_out.unsqueeze(1)
+                grad_alpha[:, start:stop] = (ys.detach() * g).flatten(2).sum(-1)
+                if xr.requires_grad:
+                    a = alpha[:, start:stop].reshape(*alpha.shape[:1], -1, *([1] * (ys.dim() - 2)))
+                    grad_x += torch.autograd.grad(ys, xr, a * g)[0]
+        if grad_x is not None and ctx.uniform:
+            xr = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = layer._forward_with(xr, layer.weight * bank.mean_mask())
+                grad_x = torch.autograd.grad(y, xr, grad_out)[0]
+        return grad_x, grad_alpha, None, None
+
+
+class SupermaskLinear(SupermaskLayer):
+    """Bias-free ``nn.Linear`` with a frozen signed-constant weight ``[out, in]`` and supermasks."""
+
+    def __init__(self, in_features: int, out_features: int, *, seed: int, rule: str = "threshold",
+                 density: float | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_supermask((out_features, in_features), in_features, seed, rule, density)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rule={self.rule}, density={self.density}"
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
+
+    def _forward_with(self, x, weight):
+        self._check_input(x)
+        return F.linear(x, weight)
+
+    def _stacked_forward(self, x, weights):
+        self._check_input(x)
+        k = weights.shape[0]
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} cannot be split into {k} equal task chunks")
+        xs = x.reshape(k, x.shape[0] // k, -1)
+        return torch.bmm(xs, weights.transpose(1, 2)).reshape(x.shape[0], -1)
+
+    def _multi_forward(self, x, weights):
+        self._check_input(x)
+        c = weights.shape[0]
+        return (x @ weights.reshape(-1, self.in_features).T).view(x.shape[0], c, self.out_features)
+
+
+class SupermaskConv2d(SupermaskLayer):
+    """Bias-free ``nn.Conv2d`` with a frozen signed-constant weight ``[out, in/groups, kh, kw]``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, *, seed: int, rule: str = "threshold", density: float | None = None):
+        super().__init__()
+        kh, kw = nn.modules.utils._pair(kernel_size)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = (kh, kw), nn.modules.utils._pair(stride)
+        self.padding, self.dilation, self.groups = padding, nn.modules.utils._pair(dilation), groups
+        shape = (out_channels, in_channels // groups, kh, kw)
+        self._init_supermask(shape, in_channels // groups * kh * kw, seed, rule, density)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, rule={self.rule}, density={self.density}")
+
+    def _conv(self, x, weight, groups):
+        if x.dim() != 4 or x.shape[1] * self.groups != self.in_channels * groups:
+            raise ValueError(f"expected input [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, groups)
+
+    def _forward_with(self, x, weight):
+        return self._conv(x, weight, self.groups)
+
+    def _stacked_forward(self, x, weights):
+        k = weights.shape[0]
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} cannot be split into {k} equal task chunks")
+        b = x.shape[0] // k
+        grouped = x.reshape(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, k * x.shape[1], *x.shape[2:])
+        y = self._conv(grouped, weights.reshape(-1, *weights.shape[2:]), k * self.groups)
+        return y.reshape(b, k, self.out_channels, *y.shape[2:]).transpose(0, 1).reshape(k * b, self.out_channels,
+                                                                                      *y.shape[2:])
+
+    def _multi_forward(self, x, weights):
+        c = weights.shape[0]
+        y = self._conv(x, weights.reshape(-1, *weights.shape[2:]), self.groups) if self.groups == 1 else \
+            torch.stack([self._conv(x, w, self.groups) for w in weights], 1).flatten(1, 2)
+        return y.view(x.shape[0], c, self.out_channels, *y.shape[2:])
+
+
+class MultitaskBatchNorm(nn.Module):
+    """Non-affine BatchNorm with running statistics kept per task (``[T, C]``), growable.
+
+    Follows the owning model's route: a task id uses that task's statistics; stacked tasks use
+    each chunk's own; a superposition uses batch statistics.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.register_buffer("running_mean", torch.zeros(0, num_features))
+        self.register_buffer("running_var", torch.ones(0, num_features))
+        self.route: Route = None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, tasks={self.running_mean.shape[0]}, affine=False, per-task statistics"
+
+    def ensure_tasks(self, num_tasks: int) -> None:
+        have = self.running_mean.shape[0]
+        if num_tasks > have:
+            dev = self.running_mean.device
+            self.running_mean = torch.cat([self.running_mean, torch.zeros(num_tasks - have, self.num_features, device=dev)])
+            self.running_var = torch.cat([self.running_var, torch.ones(num_tasks - have, self.num_features, device=dev)])
+
+    def _norm(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        if not 0 <= task < self.running_mean.shape[0]:
+            raise IndexError(f"BatchNorm has statistics for tasks 0..{self.running_mean.shape[0] - 1}, not {task}")
+        return F.batch_norm(x, self.running_mean[task], self.running_var[task], None, None, self.training,
+                            self.momentum, self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.route
+        if isinstance(route, Superposition) or route is None:
+            return F.batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+        if isinstance(route, list):
+            chunks = x.chunk(len(route))
+            return torch.cat([self._norm(c, t) for c, t in zip(chunks, route)])
+        return self._norm(x, route)

@@ -1,0 +1,138 @@
+"""SupermaskModel: a converted network plus the task bookkeeping that SupSup needs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from supsup.convert import DensityFn, convert_to_supermask
+from supsup.layers import MultitaskBatchNorm, Route, Superposition, SupermaskLayer
+
+
+class SupermaskModel(nn.Module):
+    """Wraps a network whose Linear/Conv2d layers are supermask layers.
+
+    ``forward(x, task)`` with ``task``:
+    - ``int``: that task for the whole batch; ``list[int]`` of K ids: the batch is K stacked equal chunks;
+    - ``torch.Tensor [B]`` of ids: each sample with its own task (grouped internally);
+    - ``Superposition``: the α-mix of all learned masks (task inference).
+    """
+
+    def __init__(self, net: nn.Module, *, seed: int, rule: str = "threshold",
+                 density: float | DensityFn | None = None, architecture: dict | None = None,
+                 num_classes: int | None = None):
+        super().__init__()
+        self.net = convert_to_supermask(net, seed=seed, rule=rule, density=density)
+        self.seed, self.rule = seed, rule
+        self.architecture = architecture or {"name": "custom"}
+        self.num_classes = num_classes
+        if not self.mask_layers():
+            raise ValueError("the network has no Linear or Conv2d layer to put supermasks on")
+
+    # ------------------------------------------------------------------ parts
+    def mask_layers(self) -> list[SupermaskLayer]:
+        return [m for m in self.net.modules() if isinstance(m, SupermaskLayer)]
+
+    def norm_layers(self) -> list[MultitaskBatchNorm]:
+        return [m for m in self.net.modules() if isinstance(m, MultitaskBatchNorm)]
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of learned (frozen) tasks."""
+        return self.mask_layers()[0].num_learned
+
+    @property
+    def training_tasks(self) -> list[int]:
+        return list(self.mask_layers()[0].training_tasks)
+
+    @property
+    def output_size(self) -> int:
+        last = self.mask_layers()[-1]
+        return getattr(last, "out_features", None) or last.out_channels
+
+    def bytes_per_task(self) -> int:
+        """Bytes one task's masks occupy when stored: Σ_layers ⌈P_l/8⌉."""
+        return sum(layer.bank.nbytes_per_task for layer in self.mask_layers())
+
+    def num_weights(self) -> int:
+        return sum(layer.weight.numel() for layer in self.mask_layers())
+
+    # --------------------------------------------------------------- task life
+    def begin_tasks(self, count: int = 1, init_scores: list[torch.Tensor] | None = None) -> list[int]:
+        """Start training ``count`` new tasks; returns their ids. Scores are seeded per (layer, task),
+        so training K tasks together starts from the same scores as training them one by one."""
+        if self.training_tasks:
+            raise RuntimeError(f"tasks {self.training_tasks} are still being trained: call end_tasks first")
+        ids = list(range(self.num_tasks, self.num_tasks + count))
+        for i, layer in enumerate(self.mask_layers()):
+            layer.begin_tasks(ids, None if init_scores is None else init_scores[i])
+        for norm in self.norm_layers():
+            norm.ensure_tasks(ids[-1] + 1)
+        return ids
+
+    def end_tasks(self) -> None:
+        """Freeze the tasks being trained into the mask banks (1 bit per weight)."""
+        for layer in self.mask_layers():
+            layer.end_tasks()
+
+    def score_parameters(self) -> list[nn.Parameter]:
+        """The trainable scores of the tasks being trained (one ``[K, *shape]`` tensor per layer)."""
+        params = [layer.scores for layer in self.mask_layers() if layer.scores is not None]
+        if not params:
+            raise RuntimeError("no task is being trained: call begin_tasks first")
+        return params
+
+    # ----------------------------------------------------------------- forward
+    @contextmanager
+    def routed(self, route: Route) -> Iterator[None]:
+        """Set how every masked layer and BatchNorm picks its mask for the duration of a forward."""
+        layers = self.mask_layers() + self.norm_layers()
+        for layer in layers:
+            layer.route = route
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.route = None
+
+    def forward(self, x: torch.Tensor, task: int | list[int] | torch.Tensor | Superposition) -> torch.Tensor:
+        if isinstance(task, torch.Tensor) and task.dim() == 0:
+            task = int(task)
+        if isinstance(task, torch.Tensor):
+            return self._forward_per_sample_tasks(x, task)
+        if isinstance(task, Superposition):
+            k = self.num_tasks
+            if task.alpha.shape[-1] != k:
+                raise ValueError(f"alpha has {task.alpha.shape[-1]} entries, but {k} tasks are learned")
+            if task.per_sample and task.alpha.shape[0] != x.shape[0]:
+                raise ValueError(f"per-sample alpha has {task.alpha.shape[0]} rows for a batch of {x.shape[0]}")
+        elif isinstance(task, list):
+            for t in task:
+                self._check_task(t)
+        else:
+            self._check_task(task)
+        with self.routed(task):
+            return self.net(x)
+
+    def _check_task(self, task) -> None:
+        if not isinstance(task, int) or isinstance(task, bool):
+            raise TypeError(f"task must be an int, a list of ints, a tensor of ids or a Superposition; got {task!r}")
+        if not (0 <= task < self.num_tasks or task in self.training_tasks):
+            learned = f"0..{self.num_tasks - 1}" if self.num_tasks else "none yet"
+            raise IndexError(f"task {task} is not known: learned tasks are {learned}, "
+                             f"tasks in training are {self.training_tasks or 'none'}")
+
+    def _forward_per_sample_tasks(self, x: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+        if tasks.shape != (x.shape[0],):
+            raise ValueError(f"per-sample task ids must have shape [{x.shape[0]}], got {tuple(tasks.shape)}")
+        out = None
+        for t in tasks.unique().tolist():
+            idx = (tasks == t).nonzero().squeeze(1)
+            y = self.forward(x[idx], int(t))
+            if out is None:
+                out = y.new_empty(x.shape[0], *y.shape[1:])
+            out[idx] = y
+        return out
