@@ -77,6 +77,15 @@ class MaskBank(nn.Module):
         self.num_tasks += flat.shape[0]
         return list(range(first, self.num_tasks))
 
+    def replace(self, task: int, mask: torch.Tensor) -> None:
+        """Overwrite the mask of learned ``task`` (a mask that keeps training, e.g. in scenario NNs)."""
+        self._check_task(task)
+        if mask.shape != self.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(self.shape)}")
+        new = mask.reshape(-1).to(device=self.device, dtype=torch.bool)
+        self.mask_sum += new.float() - unpack_bits(self._packed[task], self.num_weights, torch.float32)
+        self._packed[task] = pack_bits(new)
+
     def load_packed(self, packed: torch.Tensor) -> None:
         """Replace the contents with ``[k, ⌈P/8⌉] uint8`` rows (e.g. from a checkpoint)."""
         if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != self.row_bytes:

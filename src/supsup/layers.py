@@ -74,7 +74,9 @@ class SupermaskLayer(nn.Module):
         return self.bank.num_tasks
 
     def begin_tasks(self, task_ids: list[int], init_scores: torch.Tensor | None = None) -> None:
-        """Create trainable scores ``[K, *shape]`` for new tasks (Kaiming-uniform, seeded per task)."""
+        """Create trainable scores ``[K, *shape]`` (Kaiming-uniform, seeded per task, unless given).
+
+        Ids at or past the bank's end are new tasks; a learned id is retrained and replaced on ``end_tasks``."""
         bound = 1.0 / math.sqrt(self.fan_in)
         if init_scores is None:
             rows = [torch.empty(self.weight.shape).uniform_(-bound, bound, generator=generator(self.seed, "scores", t))
@@ -100,10 +102,14 @@ class SupermaskLayer(nn.Module):
             masks = self.scores >= 0
         else:
             masks = torch.stack([topk_keep(s.abs(), self.density) for s in self.scores])
-        expected = self.bank.num_tasks
-        if self.training_tasks != list(range(expected, expected + len(self.training_tasks))):
-            raise RuntimeError(f"tasks {self.training_tasks} must follow the {expected} learned ones")
-        self.bank.add(masks)
+        learned = self.bank.num_tasks
+        for task, mask in zip(self.training_tasks, masks):
+            if task < learned:
+                self.bank.replace(task, mask)
+            elif task == self.bank.num_tasks:
+                self.bank.add(mask)
+            else:
+                raise RuntimeError(f"task {task} cannot be added after {self.bank.num_tasks} learned tasks")
         self.scores = None
         self.training_tasks = []
         self._cached = None

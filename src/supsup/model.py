@@ -73,6 +73,16 @@ class SupermaskModel(nn.Module):
             norm.ensure_tasks(ids[-1] + 1)
         return ids
 
+    def resume_tasks(self, task_ids: list[int], init_scores: list[torch.Tensor]) -> None:
+        """Train learned tasks further from given scores (one ``[K, *shape]`` per layer); ``end_tasks``
+        then overwrites their masks. Used where masks keep training (scenario NNs)."""
+        if self.training_tasks:
+            raise RuntimeError(f"tasks {self.training_tasks} are still being trained: call end_tasks first")
+        for t in task_ids:
+            self._check_task(t)
+        for layer, scores in zip(self.mask_layers(), init_scores, strict=True):
+            layer.begin_tasks(list(task_ids), scores)
+
     def end_tasks(self) -> None:
         """Freeze the tasks being trained into the mask banks (1 bit per weight)."""
         for layer in self.mask_layers():
