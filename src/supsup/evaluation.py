@@ -114,3 +114,56 @@ def evaluate(model: SupermaskModel, stream: TaskStream, scenario: str = "GG", ho
         if on_task is not None:
             on_task(result)
     return evaluation
+
+
+@dataclass
+class MixedResult:
+    """Per-sample inference on a stream whose test samples of all tasks are shuffled together."""
+
+    samples: int
+    accuracy_given: float
+    task_inference_accuracy: float
+    accuracy_inferred: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@torch.no_grad()
+def evaluate_mixed(model: SupermaskModel, stream: TaskStream, how: Inference, scenario: str = "GNu",
+                   batch_size: int = 128, per_task: int | None = None, seed: int = 0,
+                   on_batch: Callable[[int], None] | None = None) -> MixedResult:
+    """Shuffle the test samples of every learned task together (``per_task`` of each, all if None),
+    cut them into batches of ``batch_size``, infer each sample's task in one pass per batch
+    (``how.granularity`` must be ``sample``) and score under GNu (task and class right) or GNs."""
+    if how.granularity != "sample":
+        raise ValueError("a mixed stream needs per-sample inference (granularity 'sample')")
+    model.eval()
+    gen = generator(seed, "mixed-stream")
+    pairs = []
+    for t in range(model.num_tasks):
+        n = stream.size(t, "test")
+        idx = torch.randperm(n, generator=gen)[: per_task or n]
+        pairs.append(torch.stack([torch.full_like(idx, t), idx], 1))
+    pairs = torch.cat(pairs)
+    pairs = pairs[torch.randperm(pairs.shape[0], generator=gen)]
+    given = task_ok_total = right = 0
+    for start in range(0, pairs.shape[0], batch_size):
+        chunk = pairs[start : start + batch_size]
+        xs, ys = [], []
+        for t in chunk[:, 0].unique().tolist():
+            rows = chunk[:, 0] == t
+            x, y = stream.batch(t, "test", chunk[rows, 1].to(stream.device))
+            xs.append(x), ys.append(y)
+        tasks = torch.cat([chunk[chunk[:, 0] == t, 0] for t in chunk[:, 0].unique().tolist()]).to(stream.device)
+        x, y = torch.cat(xs), torch.cat(ys)
+        inferred = infer_tasks(model, x, how)
+        task_ok = inferred == tasks
+        class_ok = predict(model, x, inferred) == y
+        given += int((predict(model, x, tasks) == y).sum())
+        task_ok_total += int(task_ok.sum())
+        right += int((class_ok if scenario == "GNs" else class_ok & task_ok).sum())
+        if on_batch is not None:
+            on_batch(chunk.shape[0])
+    n = pairs.shape[0]
+    return MixedResult(n, given / n, task_ok_total / n, right / n)

@@ -87,7 +87,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     pad = packed_size(num_bits) * 8 - num_bits
     if pad:
         mask = torch.nn.functional.pad(mask, (0, pad))
-    grouped = mask.reshape(*mask.shape[:-1], -1, 8).to(torch.uint8)
+    grouped = mask.reshape(*mask.shape[:-1], packed_size(num_bits), 8).to(torch.uint8)
     return (grouped << _shifts(mask.device)).sum(-1, dtype=torch.uint8)
 
 
@@ -98,5 +98,5 @@ def unpack_bits(packed: torch.Tensor, num_bits: int, dtype: torch.dtype = torch.
     if packed.shape[-1] != packed_size(num_bits):
         raise ValueError(f"{num_bits} bits need {packed_size(num_bits)} bytes, got {packed.shape[-1]}")
     bits = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 1
-    bits = bits.reshape(*packed.shape[:-1], -1)[..., :num_bits]
+    bits = bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :num_bits]
     return bits.to(dtype)

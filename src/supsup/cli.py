@@ -1,0 +1,233 @@
+"""The ``supsup`` command: run a preset, re-evaluate a saved run, list presets, fetch data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from supsup.presets import PRESETS, RunConfig, get_preset
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Supermasks in Superposition: learn many tasks with binary masks on a frozen random network.")
+console = Console()
+
+
+class Model(str, Enum):
+    fc1024 = "fc1024"
+    lenet = "lenet"
+
+
+class Scenario(str, Enum):
+    GG = "GG"
+    GNs = "GNs"
+    GNu = "GNu"
+
+
+class Method(str, Enum):
+    oneshot = "oneshot"
+    binary = "binary"
+    gradient = "gradient"
+
+
+class Objective(str, Enum):
+    entropy = "entropy"
+    g = "g"
+
+
+class Granularity(str, Enum):
+    image = "image"
+    batch = "batch"
+    sample = "sample"
+
+
+DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="Data root (default: $SUPSUP_DATA or ~/.cache/supsup).")]
+Device = Annotated[Optional[str], typer.Option("--device", help="torch device, e.g. cpu or cuda.")]
+
+
+def _apply_overrides(config: RunConfig, **overrides) -> RunConfig:
+    train = {k: overrides.pop(k) for k in ("batches_per_task", "tasks_at_once") if overrides.get(k) is not None}
+    inference = {k: overrides.pop(k) for k in ("method", "objective", "granularity", "steps") if overrides.get(k) is not None}
+    top = {k: (v.value if isinstance(v, Enum) else v) for k, v in overrides.items() if v is not None}
+    inference = {k: (v.value if isinstance(v, Enum) else v) for k, v in inference.items()}
+    config = dataclasses.replace(config, **top)
+    config.train = dataclasses.replace(config.train, **train)
+    config.inference = dataclasses.replace(config.inference, **inference)
+    if config.eval_at:
+        config.eval_at = [n for n in config.eval_at if n <= config.tasks]
+    return config
+
+
+class _Bar:
+    """Adapts experiment progress callbacks to a rich progress bar."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.task = progress, None
+
+    def stage(self, description: str, total: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(description, total=total)
+
+    def advance(self, steps: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, steps)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True)
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def print_results(results: dict) -> None:
+    """The final table: per task, accuracy with the task given and inferred, and the averages."""
+    config = results["config"]
+    inf = config["inference"]
+    title = (f"{config['preset']}: {config['benchmark']}, {config['model']} (s={config['output_size']}), "
+             f"scenario {config['scenario']}")
+    if config["scenario"] != "GG":
+        title += f", {inf['method']} / {inf['objective']} / {inf['granularity']}"
+    table = Table(title=title)
+    table.add_column("task", justify="right")
+    table.add_column("accuracy (task given)", justify="right")
+    inferred = config["scenario"] != "GG"
+    if inferred:
+        table.add_column("task-inference accuracy", justify="right")
+        table.add_column("accuracy (task inferred)", justify="right")
+    rows = results["tasks"]
+    shown = rows if len(rows) <= 30 else rows[:10] + [None] + rows[-10:]
+    for row in shown:
+        if row is None:
+            table.add_row("…", *["…"] * (3 if inferred else 1))
+            continue
+        cells = [str(row["task"]), _fmt(row["accuracy"])]
+        if inferred:
+            cells += [_fmt(row.get("task_inference_accuracy")), _fmt(row.get("accuracy_inferred"))]
+        table.add_row(*cells)
+    cells = ["mean", _fmt(results["average_accuracy"])]
+    if inferred:
+        cells += [_fmt(results.get("average_task_inference_accuracy")), _fmt(results.get("average_accuracy_inferred"))]
+    table.add_row(*cells, style="bold")
+    console.print(table)
+    if "mixed_stream" in results:
+        m = results["mixed_stream"]
+        console.print(f"mixed stream ({m['samples']} samples of all tasks shuffled): accuracy with tasks given "
+                      f"{m['accuracy_given']:.4f}, per-sample task inference {m['task_inference_accuracy']:.4f}, "
+                      f"accuracy with tasks inferred {m['accuracy_inferred']:.4f}")
+    if "bytes_per_task" in results:
+        extra = f" ({results['bits_per_weight']:.3f} bits per weight)" if "bits_per_weight" in results else ""
+        console.print(f"masks stored: {results['bytes_per_task']:,} bytes per task{extra}")
+    if "seconds" in results:
+        console.print(f"time: {results['seconds']:.1f} s")
+
+
+@app.command()
+def run(
+    preset: Annotated[str, typer.Argument(help="Preset name (see `supsup presets`).")],
+    tasks: Annotated[Optional[int], typer.Option(help="Number of tasks.")] = None,
+    batches_per_task: Annotated[Optional[int], typer.Option(help="Training batches per task.")] = None,
+    model: Annotated[Optional[Model], typer.Option(help="Network.")] = None,
+    output_size: Annotated[Optional[int], typer.Option(help="Outputs (classes + superfluous neurons).")] = None,
+    scenario: Annotated[Optional[Scenario], typer.Option(help="GG (task given), GNs or GNu (task inferred).")] = None,
+    inference: Annotated[Optional[Method], typer.Option("--inference", help="Task-inference method.")] = None,
+    objective: Annotated[Optional[Objective], typer.Option(help="Task-inference objective.")] = None,
+    granularity: Annotated[Optional[Granularity], typer.Option(help="One inference per image, batch or sample.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Steps of the gradient inference method.")] = None,
+    tasks_at_once: Annotated[Optional[int], typer.Option(help="Tasks trained together as one batched computation.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of weights, scores, permutations and batch order.")] = None,
+    small: Annotated[bool, typer.Option("--small", help="Use the preset's scaled-down CPU form.")] = False,
+    device: Device = None,
+    data_root: DataRoot = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/PRESET-TIME).")] = None,
+) -> None:
+    """Train on a preset's task stream, evaluate, print a table, and save results.json + model.safetensors."""
+    try:
+        config = get_preset(preset, small=small)
+        config = _apply_overrides(config, tasks=tasks, batches_per_task=batches_per_task, model=model,
+                                  output_size=output_size, scenario=scenario, method=inference, objective=objective,
+                                  granularity=granularity, steps=steps, tasks_at_once=tasks_at_once, seed=seed,
+                                  device=device)
+    except (KeyError, ValueError) as err:
+        raise typer.BadParameter(str(err.args[0] if err.args else err)) from err
+    from supsup.experiment import Progress as Callbacks, run as run_experiment
+
+    out = out or Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"[bold]{config.description or config.preset}[/bold]\n{config.tasks} tasks × "
+                  f"{config.train.batches_per_task} batches of {config.train.batch_size}, device {config.device}, "
+                  f"seed {config.seed} → {out}")
+    with _progress() as progress:
+        bar = _Bar(progress)
+        results = run_experiment(config, out, data_root, Callbacks(bar.stage, bar.advance))
+    console.print(f"data: {results['data_source']}")
+    print_results(results)
+    console.print(f"saved {out / 'results.json'} and {out / 'model.safetensors'}")
+
+
+@app.command("eval")
+def eval_run(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `supsup run`.")],
+    scenario: Annotated[Optional[Scenario], typer.Option(help="Override the scenario.")] = None,
+    inference: Annotated[Optional[Method], typer.Option("--inference")] = None,
+    objective: Annotated[Optional[Objective], typer.Option()] = None,
+    granularity: Annotated[Optional[Granularity], typer.Option()] = None,
+    steps: Annotated[Optional[int], typer.Option()] = None,
+    device: Device = None,
+    data_root: DataRoot = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the JSON (default RUN_DIR/eval-*.json).")] = None,
+) -> None:
+    """Re-evaluate a saved run from its checkpoint (optionally with other inference settings)."""
+    results_file = run_dir / "results.json"
+    if not results_file.is_file():
+        raise typer.BadParameter(f"{results_file} not found: is {run_dir} a run directory?")
+    config = RunConfig.from_dict(json.loads(results_file.read_text())["config"])
+    config = _apply_overrides(config, scenario=scenario, method=inference, objective=objective,
+                              granularity=granularity, steps=steps, device=device)
+    from supsup.experiment import Progress as Callbacks, reevaluate
+
+    with _progress() as progress:
+        bar = _Bar(progress)
+        results = reevaluate(run_dir, config, data_root, Callbacks(bar.stage, bar.advance))
+    print_results(results)
+    inf = config.inference
+    target = out or run_dir / f"eval-{config.scenario}-{inf.method}-{inf.objective}-{inf.granularity}.json"
+    target.write_text(json.dumps(results, indent=2))
+    console.print(f"saved {target}")
+
+
+@app.command()
+def presets() -> None:
+    """List the presets (the paper's experiments) and their scaled-down CPU forms."""
+    table = Table(title="presets (add --small for the scaled-down CPU form)")
+    for column in ("name", "tasks", "model", "s", "scenario / inference", "description"):
+        table.add_column(column)
+    for name in PRESETS:
+        c = get_preset(name)
+        table.add_row(name, f"{c.tasks} (small: {get_preset(name, small=True).tasks})", c.model, str(c.output_size),
+                      f"{c.scenario} {c.inference.method}/{c.inference.objective}/{c.inference.granularity}",
+                      c.description)
+    console.print(table)
+
+
+@app.command()
+def fetch(data_root: DataRoot = None) -> None:
+    """Fetch and verify MNIST into the data root; says which source served."""
+    from supsup.data.sources import MNIST, data_root as resolve, ensure_dataset
+
+    folder, source = ensure_dataset(MNIST, resolve(data_root))
+    console.print(f"MNIST verified in {folder} (source: {source})")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,99 @@
+"""Named configurations for the paper's experiments. Each has the paper's (full) settings and a
+scaled-down CPU form (``small``) that finishes in minutes on 2 cores."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from supsup.evaluation import SCENARIOS
+from supsup.inference import Inference
+from supsup.learners import TrainConfig
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved into ``results.json`` as ``config``."""
+
+    preset: str
+    benchmark: str = "permuted-mnist"
+    tasks: int = 5
+    model: str = "lenet"
+    output_size: int = 100
+    rule: str = "threshold"
+    density: float | None = None
+    scenario: str = "GNu"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: Inference = field(default_factory=Inference)
+    eval_at: list[int] = field(default_factory=list)  # task counts at which to evaluate (the end always)
+    seed: int = 1
+    device: str = "cpu"
+    description: str = ""
+
+    def __post_init__(self):
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"unknown scenario {self.scenario!r}; expected one of {SCENARIOS}")
+        if self.tasks < 1:
+            raise ValueError(f"tasks must be >= 1, got {self.tasks}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        data = dict(data)
+        data["train"] = TrainConfig(**data.get("train", {}))
+        data["inference"] = Inference(**data.get("inference", {}))
+        return cls(**data)
+
+
+def _preset(name, description, small: dict, **kwargs) -> tuple[RunConfig, dict]:
+    return RunConfig(preset=name, description=description, **kwargs), small
+
+
+_SCHEDULE_250 = [10, 50, 100, 150, 200, 250]
+_SCHEDULE_2500 = [10, 500, 1000, 1500, 2000, 2500]
+_ROTATED_SCHEDULE = [2, 5, 10, 15, 20, 25, 30, 35, 36]
+
+# name, description, overrides of the scaled-down CPU form, full settings
+_TABLE = [
+    ("demo", "README main job: 5 PermutedMNIST tasks, LeNet 300-100 (s=100), GNu One-Shot H", {},
+     dict(tasks=5, model="lenet", output_size=100)),
+    ("permuted-mnist", "PermutedMNIST 250 tasks, FC 1024-1024, s=500, GNu One-Shot H (paper Fig 3 right)",
+     dict(tasks=5), dict(tasks=250, model="fc1024", output_size=500, eval_at=_SCHEDULE_250)),
+    ("permuted-mnist-g", "PermutedMNIST 250 tasks, FC 1024-1024, s=500, GNu One-Shot G (paper Fig 3 right)",
+     dict(tasks=5), dict(tasks=250, model="fc1024", output_size=500, eval_at=_SCHEDULE_250,
+                         inference=Inference(objective="g"))),
+    ("permuted-mnist-lenet", "PermutedMNIST 250 tasks, LeNet 300-100, s=100, GNu One-Shot H (paper Fig 3 left)",
+     dict(tasks=10), dict(tasks=250, model="lenet", output_size=100, eval_at=_SCHEDULE_250)),
+    ("permuted-mnist-lenet-g", "PermutedMNIST 250 tasks, LeNet 300-100, s=100, GNu One-Shot G (paper Fig 3 left)",
+     dict(tasks=10), dict(tasks=250, model="lenet", output_size=100, eval_at=_SCHEDULE_250,
+                          inference=Inference(objective="g"))),
+    ("permuted-mnist-2500", "PermutedMNIST 2500 tasks, LeNet 300-100, s=500, GNu One-Shot H (paper Fig 4)",
+     dict(tasks=20), dict(tasks=2500, model="lenet", output_size=500, eval_at=_SCHEDULE_2500)),
+    ("rotated-mnist", "RotatedMNIST 36 tasks (10° apart), FC 1024-1024, s=200, GNu Binary H on the full batch "
+     "of 128 (paper Fig 5 left)", dict(train=TrainConfig(batches_per_task=200)),
+     dict(benchmark="rotated-mnist", tasks=36, model="fc1024", output_size=200, eval_at=_ROTATED_SCHEDULE,
+          inference=Inference(method="binary", granularity="batch"))),
+    ("split-mnist", "SplitMNIST 5 tasks of 2 digits, LeNet 300-100, s=100, GNu One-Shot H", {},
+     dict(benchmark="split-mnist", tasks=5, model="lenet", output_size=100)),
+    *[(f"output-size-{s}", f"Output-size ablation (paper Fig 6): LeNet, s={s}, PermutedMNIST 250 tasks, GNu One-Shot H",
+       dict(tasks=10), dict(tasks=250, model="lenet", output_size=s, eval_at=_SCHEDULE_250)) for s in (25, 100, 200)],
+]
+
+PRESETS: dict[str, tuple[RunConfig, dict]] = {
+    name: (RunConfig(preset=name, description=description, **full), small)
+    for name, description, small, full in _TABLE
+}
+
+
+def get_preset(name: str, small: bool = False) -> RunConfig:
+    """A fresh copy of a preset; ``small=True`` applies its scaled-down CPU form."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    config, small_overrides = PRESETS[name]
+    config = RunConfig.from_dict(config.to_dict())
+    if small:
+        config = dataclasses.replace(config, **small_overrides)
+        config.eval_at = [n for n in config.eval_at if n <= config.tasks]
+    return config

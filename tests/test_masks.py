@@ -1,0 +1,73 @@
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supsup.masks import kept_count, pack_bits, packed_size, threshold_mask, topk_mask, unpack_bits
+
+
+def test_threshold_mask_is_scores_at_least_zero_with_identity_gradient():
+    scores = torch.tensor([-0.5, 0.0, 0.3, -1e-6], requires_grad=True)
+    mask = threshold_mask(scores)
+    assert mask.tolist() == [0.0, 1.0, 1.0, 0.0]
+    upstream = torch.tensor([1.0, -2.0, 3.0, 4.0])
+    (mask * upstream).sum().backward()
+    # straight-through: dL/ds = dL/dM, unchanged, also where the mask is 0
+    assert scores.grad.tolist() == upstream.tolist()
+
+
+def test_topk_gradient_is_upstream_times_sign_of_scores():
+    scores = torch.tensor([[-3.0, 0.5], [2.0, -0.1]], requires_grad=True)
+    mask = topk_mask(scores, density=0.5)
+    assert mask.tolist() == [[1.0, 0.0], [1.0, 0.0]]  # the two largest |s|: -3 and 2
+    upstream = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    (mask * upstream).sum().backward()
+    # by hand: g * sign(s) = [[1*-1, 2*1], [3*1, 4*-1]]
+    assert scores.grad.tolist() == [[-1.0, 2.0], [3.0, -4.0]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(numel=st.integers(1, 5000), density=st.floats(0.001, 1.0))
+def test_topk_keeps_exactly_the_reference_count(numel, density):
+    scores = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    mask = topk_mask(scores, density)
+    kept = int(mask.sum())
+    assert kept == kept_count(numel, density)
+    if 0 < kept < numel:  # every kept |s| is above every dropped |s|
+        assert scores.abs()[mask.bool()].min() > scores.abs()[~mask.bool()].max()
+
+
+def test_topk_rejects_bad_density():
+    for bad in (0.0, -0.1, 1.5):
+        try:
+            topk_mask(torch.randn(4), bad)
+        except ValueError as err:
+            assert "density" in str(err)
+        else:
+            raise AssertionError("bad density accepted")
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.integers(0, 4), bits=st.integers(1, 200), seed=st.integers(0, 10_000))
+def test_bit_pack_round_trip_at_one_bit_per_weight(rows, bits, seed):
+    mask = torch.rand(rows, bits, generator=torch.Generator().manual_seed(seed)) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, math.ceil(bits / 8))
+    assert torch.equal(unpack_bits(packed, bits), mask)
+
+
+def test_bit_order_is_little_endian_within_a_byte():
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[0] = mask[9] = True
+    assert pack_bits(mask).tolist() == [1, 2]
+    assert packed_size(9) == 2
+
+
+def test_unpack_rejects_wrong_sizes():
+    try:
+        unpack_bits(torch.zeros(3, dtype=torch.uint8), 30)
+    except ValueError as err:
+        assert "30 bits need 4 bytes" in str(err)
+    else:
+        raise AssertionError
