@@ -52,3 +52,6 @@ def build_model(name: str, *, output_size: int, seed: int, num_classes: int = 10
     architecture = {"name": name, "output_size": output_size, **kwargs}
     return SupermaskModel(net, seed=seed, rule=rule, density=density, architecture=architecture,
                           num_classes=num_classes)
+
+
+from supsup import resnets as _resnets  # noqa: E402,F401  (registers gem_resnet18, resnet50)
