@@ -47,14 +47,20 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 
 
 def train_task_group(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig,
-                     on_batch: Callable[[int], None] | None = None) -> list[int]:
+                     on_batch: Callable[[int], None] | None = None, *,
+                     init_scores: Callable[[int], list[torch.Tensor] | None] | None = None,
+                     before_freeze: Callable[[SupermaskModel], None] | None = None) -> list[int]:
     """Learn the next K stream tasks (K = ``cfg.tasks_at_once``, fewer at the end of the stream);
-    model task t learns stream task t. Returns the new task ids, already frozen into the banks."""
+    model task t learns stream task t. Returns the new task ids, already frozen into the banks.
+
+    Hooks (used by score transfer): ``init_scores(K)`` gives the starting scores (one ``[K, *shape]`` per
+    layer, or None for the seeded default); ``before_freeze(model)`` sees the trained scores before
+    ``end_tasks`` drops them."""
     first = model.num_tasks
     count = min(cfg.tasks_at_once, stream.num_tasks - first)
     if count < 1:
         raise ValueError(f"the stream has {stream.num_tasks} tasks and all are learned")
-    ids = model.begin_tasks(count)
+    ids = model.begin_tasks(count, None if init_scores is None else init_scores(count))
     optimizer = make_optimizer(model.score_parameters(), cfg)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.batches_per_task)
                 if cfg.cosine else None)
@@ -74,6 +80,8 @@ def train_task_group(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig
             schedule.step()
         if on_batch is not None:
             on_batch(count)
+    if before_freeze is not None:
+        before_freeze(model)
     model.end_tasks()
     model.eval()
     return ids
