@@ -1,0 +1,110 @@
+"""CIFAR-100 from the standard ``cifar-100-python`` pickles, and the SplitCIFAR100 GG stream.
+
+CIFAR cannot be fetched here: the files must already be under the data root, as
+``<root>/cifar-100-python/{train,test,meta}`` (the extracted ``cifar-100-python.tar.gz``), or the archive
+itself as ``<root>/cifar-100-python.tar.gz``. Every file is checked by md5 **before** it is unpickled, and
+unpickling is restricted to the few numpy globals the format needs.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from supsup.data.sources import DataError, data_root, md5_of
+from supsup.data.vision import SplitClassStream, TensorImages
+
+FOLDER = "cifar-100-python"
+ARCHIVE = "cifar-100-python.tar.gz"
+ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+MD5 = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+       "meta": "7973b15100ade9c7d40fb424638fde48"}
+#: Normalisation used by the paper's SplitCIFAR100 runs (the CIFAR-10 constants, per spec §3.2).
+MEAN, STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
+
+_ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Only the globals a CIFAR pickle (dicts of lists, bytes and numpy arrays) needs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise DataError(f"refusing to unpickle {module}.{name}: not part of the CIFAR format")
+
+
+def read_pickle(path: Path) -> dict:
+    """Unpickle a CIFAR file (Python 2 protocol, keys as bytes) with the restricted unpickler."""
+    with open(path, "rb") as f:
+        return _RestrictedUnpickler(f, encoding="bytes").load()
+
+
+def _missing_message(folder: Path) -> str:
+    return (f"CIFAR-100 not found. Put the extracted python version of CIFAR-100 at {folder}/ "
+            f"(files train, test and meta, md5 {MD5['train']}, {MD5['test']}, {MD5['meta']}), or the archive "
+            f"{ARCHIVE} (169,001,437 bytes, md5 {ARCHIVE_MD5}) at {folder.parent}/{ARCHIVE}. It cannot be "
+            f"downloaded from here; set --data-root or $SUPSUP_DATA to the folder that holds it.")
+
+
+def _extract_archive(root: Path, folder: Path, verify: bool) -> None:
+    archive = root / ARCHIVE
+    if verify and md5_of(archive) != ARCHIVE_MD5:
+        raise DataError(f"checksum mismatch for {archive}: md5 {md5_of(archive)}, expected {ARCHIVE_MD5}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        for name in MD5:
+            member = tar.extractfile(f"{FOLDER}/{name}")
+            if member is None:
+                raise DataError(f"{archive} has no {FOLDER}/{name}")
+            (folder / name).write_bytes(member.read())
+
+
+def load_cifar100(root=None, device: torch.device | str = "cpu", *, md5: dict[str, str] | None = None,
+                  verify: bool = True) -> TensorImages:
+    """CIFAR-100 train (50,000) / test (10,000) as ``[N, 3, 32, 32] uint8`` with fine labels 0..99.
+
+    ``md5`` overrides the expected checksums and ``verify=False`` skips them: both exist for tests on
+    synthetic files only."""
+    root = data_root(root)
+    folder = root / FOLDER
+    expected = {**MD5, **(md5 or {})}
+    if not all((folder / f).is_file() for f in MD5):
+        if (root / ARCHIVE).is_file():
+            _extract_archive(root, folder, verify and md5 is None)
+        else:
+            raise DataError(_missing_message(folder))
+    for name, digest in expected.items():
+        got = md5_of(folder / name)
+        if verify and got != digest:
+            raise DataError(f"CIFAR-100: checksum mismatch for {folder / name}: md5 {got}, expected {digest}. "
+                            f"Replace it with the original file.")
+    arrays = {}
+    for split in ("train", "test"):
+        raw = read_pickle(folder / split)
+        data = np.asarray(raw[b"data"], dtype=np.uint8)
+        labels = np.asarray(raw[b"fine_labels"], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+            raise DataError(f"{folder / split}: expected data [N, 3072] and N labels, got {data.shape} / "
+                            f"{labels.shape}")
+        arrays[split] = (torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels))
+    meta = read_pickle(folder / "meta")
+    num_classes = len(meta[b"fine_label_names"])
+    return TensorImages("cifar100", *arrays["train"], *arrays["test"], MEAN, STD,
+                        f"files in {folder}", num_classes).to(device)
+
+
+class SplitCIFAR100(SplitClassStream):
+    """20 tasks × 5 classes from a seeded class permutation; labels 0..4; RandomCrop 32 (pad 4) + flip."""
+
+    name = "split-cifar100"
+    crop_padding = 4
+    flip = True
+
+    def __init__(self, data: TensorImages, num_tasks: int = 20, classes_per_task: int = 5, seed: int = 0):
+        super().__init__(data, num_tasks, classes_per_task, seed)

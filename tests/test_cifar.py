@@ -1,0 +1,127 @@
+import hashlib
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from supsup.architectures import build_model
+from supsup.baselines import lower_bound
+from supsup.data.cifar import MD5, SplitCIFAR100, load_cifar100
+from supsup.data.sources import DataError
+from supsup.density import er_density
+from supsup.gg import paper_gg_config, run_gg
+from supsup.resnets import gem_resnet18
+
+
+def _write_cifar(folder, per_class_train=3, per_class_test=2):
+    """Synthetic files in the exact cifar-100-python format (Python-2 style pickles, bytes keys)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 256, (100, 3072), dtype=np.uint8)
+    for split, n in (("train", per_class_train), ("test", per_class_test)):
+        labels = np.repeat(np.arange(100), n)
+        data = patterns[labels]
+        content = {b"filenames": [b"x.png"] * len(labels), b"batch_label": split.encode(), b"fine_labels": labels.tolist(),
+                   b"coarse_labels": (labels // 5).tolist(), b"data": data}
+        (folder / split).write_bytes(pickle.dumps(content, protocol=2))
+    meta = {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in MD5}
+
+
+@pytest.fixture
+def cifar_root(tmp_path):
+    md5 = _write_cifar(tmp_path / "cifar-100-python")
+    return tmp_path, md5
+
+
+def test_missing_cifar_says_what_to_put_where(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_cifar100(tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "cifar-100-python") in msg and "train, test and meta" in msg and MD5["train"] in msg
+
+
+def test_files_are_checked_before_unpickling(cifar_root, monkeypatch):
+    root, _ = cifar_root
+    unpickled = []
+    monkeypatch.setattr("supsup.data.cifar.read_pickle", lambda p: unpickled.append(p))
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load_cifar100(root)  # the synthetic files do not have the real md5s
+    assert unpickled == []
+
+
+def test_loads_synthetic_files_with_their_checksums(cifar_root):
+    root, md5 = cifar_root
+    data = load_cifar100(root, md5=md5)
+    assert data.train_images.shape == (300, 3, 32, 32) and data.train_images.dtype == torch.uint8
+    assert data.test_labels.shape == (200,) and data.num_classes == 100
+
+
+def test_archive_is_verified_and_extracted(tmp_path):
+    md5 = _write_cifar(tmp_path / "src" / "cifar-100-python")
+    with tarfile.open(tmp_path / "cifar-100-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-100-python", arcname="cifar-100-python")
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load_cifar100(tmp_path)
+    assert load_cifar100(tmp_path, md5=md5).train_images.shape[0] == 300
+
+
+def test_unpickling_refuses_anything_but_the_format(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    md5 = _write_cifar(folder)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (folder / "train").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    md5["train"] = hashlib.md5((folder / "train").read_bytes()).hexdigest()
+    with pytest.raises(DataError, match="refusing to unpickle"):
+        load_cifar100(tmp_path, md5=md5)
+
+
+def test_split_cifar100_is_20_disjoint_tasks_of_5_with_labels_0_to_4(cifar_root):
+    root, md5 = cifar_root
+    stream = SplitCIFAR100(load_cifar100(root, md5=md5), seed=3)
+    assert stream.num_tasks == 20
+    assert sorted(stream.task_classes.flatten().tolist()) == list(range(100))
+    assert not torch.equal(stream.task_classes.flatten(), torch.arange(100))  # a seeded permutation
+    assert torch.equal(SplitCIFAR100(stream.data, seed=3).task_classes, stream.task_classes)
+    x, y = stream.test_set(7)
+    assert x.shape == (10, 3, 32, 32) and sorted(y.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    raw = stream.data.test_images[stream.indices["test"][7]].float() / 255
+    assert torch.allclose(x[:, 0], (raw[:, 0] - 0.491) / 0.247)  # the spec's normalisation
+
+
+def test_augmentation_only_in_training_batches(cifar_root):
+    root, md5 = cifar_root
+    stream = SplitCIFAR100(load_cifar100(root, md5=md5), seed=0)
+    idx = torch.arange(15)
+    assert torch.equal(stream.batch(0, "train", idx)[0], stream.batch(0, "train", idx)[0])
+    augmented, y = next(stream.train_batches(0, 15, 1))
+    plain, y2 = stream.batch(0, "train", torch.arange(15))
+    assert augmented.shape == plain.shape == (15, 3, 32, 32)
+    # same samples, labels kept; pixels moved by crops/flips (a padded crop brings in black borders)
+    assert sorted(y.tolist()) == sorted(y2.tolist())
+    black = (0 - torch.tensor([0.491, 0.482, 0.447])) / torch.tensor([0.247, 0.243, 0.262])
+    assert (augmented[:, :, 0, :] == black.view(1, 3, 1)).any() or (augmented[:, :, :, 0] == black.view(1, 3, 1)).any()
+    again, _ = next(stream.train_batches(0, 15, 1))
+    assert torch.equal(augmented, again)  # seeded
+
+
+def test_split_cifar100_end_to_end_gg(cifar_root):
+    """SupSup with the reduced ResNet-18 learns 2 tasks; its end-of-run accuracy equals its accuracy right
+    after each task; a baseline runs on the same stream."""
+    root, md5 = cifar_root
+    stream = SplitCIFAR100(load_cifar100(root, md5=md5), seed=0)
+    model = build_model("gem_resnet18", output_size=5, num_classes=5, seed=0, rule="topk", density=er_density(32),
+                        nf=4)
+    result = run_gg(model, stream, paper_gg_config(batches_per_task=3, batch_size=5), num_tasks=2)
+    assert result.at_end == result.after_task and len(result.at_end) == 2
+    assert result.bytes_stored == 2 * model.bytes_per_task()
+    lb = lower_bound(lambda: gem_resnet18(5, nf=4), stream, paper_gg_config(batches_per_task=2, batch_size=5), num_tasks=2)
+    assert len(lb.at_end) == 2
