@@ -1,0 +1,140 @@
+"""BatchE and PSP: one shared weight per layer, conditioned on the task by a small per-task factor.
+
+- **BatchE** (Wen et al.; "Rand W" as in the paper's SplitCIFAR100 runs): W random and frozen, per task a
+  rank-one pair ``s_t`` (c_out) and ``r_t`` (c_in), init random ±1: ``out = s_t ⊙ layer(W, r_t ⊙ x)``.
+  Stores the per-task pairs (W is a seed).
+- **PSP** (Cheung et al.): W shared and trained on every task; per task a fixed random orthogonal context
+  ``C_t`` (c_in × c_in, from a seed) mixes the input channels: ``out = layer(W, C_t x) = layer(W C_t, x)``.
+  Stores W (the contexts are seeds).
+Both keep per-task non-affine BN statistics (as SupSup does) so that BN does not mix tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supsup.baselines.common import accuracy, fit, per_task_batchnorm, replace_layers, set_task
+from supsup.data.streams import TaskStream
+from supsup.gg import GGResult
+from supsup.learners import TrainConfig
+from supsup.seeding import derive_seed, generator
+
+FP32 = 4
+
+
+def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, weight)
+
+
+def _channels(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-channel vector ``[C]`` over ``x [B, C, ...]``."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class BatchELayer(nn.Module):
+    """Frozen ``layer.weight`` with per-task rank-one factors ``s[t] [c_out]``, ``r[t] [c_in]`` (one parameter
+    per task, so weight decay on task t's optimiser never touches another task's factors)."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, num_tasks: int, seed: int):
+        super().__init__()
+        if getattr(layer, "groups", 1) != 1:
+            raise ValueError("BatchE here supports ungrouped layers only")
+        self.layer = layer.requires_grad_(False)
+        c_out, c_in = layer.weight.shape[:2]
+        g = generator(seed, "batche-init")
+        sign = lambda n: torch.randint(0, 2, (n,), generator=g).float() * 2 - 1  # noqa: E731
+        self.s = nn.ParameterList(nn.Parameter(sign(c_out)) for _ in range(num_tasks))
+        self.r = nn.ParameterList(nn.Parameter(sign(c_in)) for _ in range(num_tasks))
+        self.task = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _apply(self.layer, x * _channels(x, self.r[self.task]), self.layer.weight)
+        return y * _channels(y, self.s[self.task])
+
+    def task_parameters(self) -> int:
+        return self.s[0].numel() + self.r[0].numel()
+
+
+def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A Haar-random orthogonal ``[n, n]`` matrix (QR of a Gaussian with the signs of R's diagonal fixed)."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+class PSPLayer(nn.Module):
+    """Trained ``layer.weight`` seen through a per-task orthogonal input-channel context ``C_t``."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, seed: int):
+        super().__init__()
+        if getattr(layer, "groups", 1) != 1:
+            raise ValueError("PSP here supports ungrouped layers only")
+        self.layer, self.seed, self.task = layer, seed, 0
+        self._context: tuple[int, torch.Tensor] | None = None
+
+    def context(self, task: int) -> torch.Tensor:
+        """``C_t [c_in, c_in]``, regenerated from (seed, task) and cached for the current task only."""
+        if self._context is None or self._context[0] != task:
+            c_in = self.layer.weight.shape[1]
+            self._context = (task, random_orthogonal(c_in, generator(self.seed, "psp", task)).to(self.layer.weight))
+        return self._context[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.layer.weight
+        mixed = torch.einsum("oi...,ij->oj...", w, self.context(self.task))  # W C_t
+        return _apply(self.layer, x, mixed)
+
+
+def _conditioned(method: str, build: Callable[[], nn.Module], stream: TaskStream, cfg: TrainConfig,
+                 num_tasks: int | None, seed: int) -> GGResult:
+    num_tasks = num_tasks or stream.num_tasks
+    torch.manual_seed(derive_seed(seed, method))
+    net = per_task_batchnorm(build(), num_tasks)
+    wrapped: list[nn.Module] = []
+
+    def wrap(name, module):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            layer_seed = derive_seed(seed, method, name)
+            new = BatchELayer(module, num_tasks, layer_seed) if method == "BatchE" else PSPLayer(module, layer_seed)
+            wrapped.append(new)
+            return new
+        return None
+
+    net = replace_layers(net, wrap).to(stream.device)
+    result, start = GGResult(method), time.perf_counter()
+    for t in range(num_tasks):
+        set_task(net, t)
+        net.train()
+        params = ([p for layer in wrapped for p in (layer.s[t], layer.r[t])] if method == "BatchE"
+                  else list(net.parameters()))
+        fit(params, net, stream, t, cfg)
+        net.eval()
+        result.after_task.append(accuracy(net, stream, t))
+    result.at_end = []
+    for t in range(num_tasks):
+        set_task(net, t)
+        result.at_end.append(accuracy(net, stream, t))
+    if method == "BatchE":
+        result.bytes_stored = num_tasks * sum(layer.task_parameters() for layer in wrapped) * FP32
+    else:
+        result.bytes_stored = sum(layer.layer.weight.numel() for layer in wrapped) * FP32
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def batche(build: Callable[[], nn.Module], stream: TaskStream, cfg: TrainConfig, num_tasks: int | None = None,
+           seed: int = 0) -> GGResult:
+    """BatchE with a random frozen W: per-task rank-one factors trained (paper: Adam lr 0.1)."""
+    return _conditioned("BatchE", build, stream, cfg, num_tasks, seed)
+
+
+def psp(build: Callable[[], nn.Module], stream: TaskStream, cfg: TrainConfig, num_tasks: int | None = None,
+        seed: int = 0) -> GGResult:
+    """PSP: shared W trained on every task through per-task random orthogonal contexts (paper: RMSprop 1e-4)."""
+    return _conditioned("PSP", build, stream, cfg, num_tasks, seed)
