@@ -2,8 +2,9 @@
 
 Storage is ``[k, ⌈P/8⌉] uint8`` (1 bit per weight) in a growable buffer, plus the running
 sum of masks ``[P] float32`` so that the uniform superposition (the mean mask) costs nothing.
-Superposition and its α-gradient are computed from the packed bits in chunks of tasks, never
-through a float ``[k, P]`` tensor.
+Superposition and its α-gradient are computed straight from the packed bits by ``supsup.kernels``
+(C on the CPU, Triton on the GPU, chunked torch elsewhere), never through a float ``[k, P]`` tensor.
+Memory per task is ⌈P/8⌉ bytes; the buffer grows by doubling (``reserve`` pre-sizes it).
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from supsup import kernels
 from supsup.masks import pack_bits, packed_size, unpack_bits
-
-#: Float elements one unpacked chunk may hold (64 MiB of float32).
-CHUNK_ELEMENTS = 1 << 24
 
 
 class MaskBank(nn.Module):
@@ -55,10 +54,22 @@ class MaskBank(nn.Module):
         """Bytes one task's mask costs in this bank: ⌈P/8⌉."""
         return self.row_bytes
 
+    @property
+    def capacity(self) -> int:
+        """Rows allocated (learned + spare)."""
+        return self._packed.shape[0]
+
+    def reserve(self, rows: int) -> None:
+        """Make room for ``rows`` tasks in total without copying again (e.g. before learning 100,000 tasks)."""
+        if rows > self._packed.shape[0]:
+            self._grow_to(rows)
+
     def _reserve(self, rows: int) -> None:
         if rows <= self._packed.shape[0]:
             return
-        capacity = max(rows, 2 * self._packed.shape[0])
+        self._grow_to(max(rows, 2 * self._packed.shape[0]))
+
+    def _grow_to(self, capacity: int) -> None:
         grown = torch.zeros(capacity, self.row_bytes, dtype=torch.uint8, device=self.device)
         grown[: self.num_tasks] = self.packed
         self._packed = grown
@@ -83,7 +94,8 @@ class MaskBank(nn.Module):
         if mask.shape != self.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(self.shape)}")
         new = mask.reshape(-1).to(device=self.device, dtype=torch.bool)
-        self.mask_sum += new.float() - unpack_bits(self._packed[task], self.num_weights, torch.float32)
+        old = kernels.unpack(self._packed[task : task + 1], self.num_weights)[0]
+        self.mask_sum += new.float() - old
         self._packed[task] = pack_bits(new)
 
     def load_packed(self, packed: torch.Tensor) -> None:
@@ -92,11 +104,17 @@ class MaskBank(nn.Module):
             raise ValueError(f"expected packed masks [k, {self.row_bytes}] uint8, got {tuple(packed.shape)} {packed.dtype}")
         self.num_tasks = 0
         self._packed = torch.zeros(max(packed.shape[0], 1), self.row_bytes, dtype=torch.uint8, device=self.device)
-        self.mask_sum.zero_()
-        for _, chunk in self._chunks(packed.to(self.device), torch.float32):
-            self.mask_sum += chunk.sum(0)
         self._packed[: packed.shape[0]] = packed.to(self.device)
         self.num_tasks = packed.shape[0]
+        self.recount()
+
+    def recount(self) -> None:
+        """Recompute the running sum of masks from the stored bits (Σ_i 1 · M_i, one kernel pass)."""
+        if self.num_tasks == 0:
+            self.mask_sum.zero_()
+            return
+        ones = torch.ones(self.num_tasks, dtype=torch.float32, device=self.device)
+        self.mask_sum.copy_(kernels.superpose(self.packed, ones, self.num_weights))
 
     # ----------------------------------------------------------------- reading
     def _check_task(self, task: int) -> None:
@@ -106,23 +124,30 @@ class MaskBank(nn.Module):
     def mask(self, task: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """Mask of one task, ``[*shape]``."""
         self._check_task(task)
-        return unpack_bits(self._packed[task], self.num_weights, dtype).view(self.shape)
+        if dtype == torch.bool:
+            return unpack_bits(self._packed[task], self.num_weights).view(self.shape)
+        return kernels.unpack(self._packed[task : task + 1], self.num_weights, dtype=dtype).view(self.shape)
+
+    def masked_weight(self, task: int, weight: torch.Tensor) -> torch.Tensor:
+        """``weight ⊙ M_task`` as ``[*shape]`` float32 in one pass over the bits."""
+        self._check_task(task)
+        return kernels.unpack(self._packed[task : task + 1], self.num_weights, weight).view(self.shape)
 
     def masks(self, tasks: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """Masks of several tasks, ``[n, *shape]`` (n small: this is a float/bool copy)."""
-        return unpack_bits(self._packed[tasks], self.num_weights, dtype).view(-1, *self.shape)
+        rows = self._packed[tasks]
+        if dtype == torch.bool:
+            return unpack_bits(rows, self.num_weights).view(-1, *self.shape)
+        return kernels.unpack(rows, self.num_weights, dtype=dtype).view(-1, *self.shape)
 
     def chunk_rows(self) -> int:
-        return max(1, CHUNK_ELEMENTS // self.num_weights)
+        return kernels.chunk_rows(self.num_weights)
 
-    def _chunks(self, packed: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
-        rows = self.chunk_rows()
-        for start in range(0, packed.shape[0], rows):
-            yield start, unpack_bits(packed[start : start + rows], self.num_weights, dtype)
-
-    def iter_masks(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(first_task, masks [c, P])`` over the learned tasks in bounded-memory chunks."""
-        return self._chunks(self.packed, dtype)
+    def iter_masks(self, dtype: torch.dtype = torch.float32,
+                   weight: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(first_task, masks [c, P])`` over the learned tasks in bounded-memory chunks
+        (``weight ⊙ masks`` when ``weight`` is given)."""
+        return kernels.iter_unpacked(self.packed, self.num_weights, dtype, weight)
 
     # ----------------------------------------------------------- superposition
     def mean_mask(self) -> torch.Tensor:
@@ -134,19 +159,21 @@ class MaskBank(nn.Module):
     def superpose(self, alpha: torch.Tensor) -> torch.Tensor:
         """Σ_i α_i M_i for ``alpha [k]`` -> ``[*shape] float32``."""
         self._check_alpha(alpha)
-        mix = torch.zeros(self.num_weights, dtype=torch.float32, device=self.device)
-        alpha = alpha.to(torch.float32)
-        for start, chunk in self.iter_masks():
-            mix += alpha[start : start + chunk.shape[0]] @ chunk
-        return mix.view(self.shape)
+        return kernels.superpose(self.packed, alpha, self.num_weights).view(self.shape)
+
+    def superpose_many(self, alpha: torch.Tensor) -> torch.Tensor:
+        """Σ_i α_bi M_i for ``alpha [n, k]`` -> ``[n, *shape] float32`` (n superpositions at once)."""
+        self._check_alpha(alpha)
+        return kernels.superpose(self.packed, alpha, self.num_weights).reshape(-1, *self.shape)
 
     def contract(self, grad: torch.Tensor) -> torch.Tensor:
-        """``[k] = M @ g`` for ``g [*shape]``: ∂L/∂α_i when ``g = ∂L/∂(Σα M) = ∂L/∂W_eff ⊙ W``."""
-        g = grad.reshape(-1).to(torch.float32)
-        out = torch.empty(self.num_tasks, dtype=torch.float32, device=self.device)
-        for start, chunk in self.iter_masks():
-            out[start : start + chunk.shape[0]] = chunk @ g
-        return out
+        """``[k] = M @ g`` for ``g [*shape]``: ∂L/∂α_i when ``g = ∂L/∂(Σα M) = ∂L/∂W_eff ⊙ W``.
+        ``grad [n, *shape]`` gives ``[n, k]``: n contractions in one pass over the bits."""
+        if grad.shape == self.shape:
+            return kernels.contract(self.packed, grad.reshape(-1))
+        if grad.shape[1:] != self.shape:
+            raise ValueError(f"gradient shape {tuple(grad.shape)} does not match weight shape {tuple(self.shape)}")
+        return kernels.contract(self.packed, grad.reshape(grad.shape[0], -1))
 
     def _check_alpha(self, alpha: torch.Tensor) -> None:
         if alpha.shape[-1] != self.num_tasks:

@@ -167,7 +167,9 @@ class SupermaskLayer(nn.Module):
 
 
 class _Superpose(torch.autograd.Function):
-    """mix = Σ_i α_i M_i from the bank; ∂L/∂α = M @ ∂L/∂mix, straight from packed bits."""
+    """mix = Σ_i α_i M_i from the bank; ∂L/∂α = M @ ∂L/∂mix, straight from packed bits.
+
+    With ``uniform`` the forward is the bank's running mean (no pass over the masks at all)."""
 
     @staticmethod
     def forward(ctx, alpha: torch.Tensor, bank: MaskBank, uniform: bool) -> torch.Tensor:
@@ -181,24 +183,43 @@ class _Superpose(torch.autograd.Function):
         return ctx.bank.contract(grad_mix), None, None
 
 
-class _PerSampleSuperpose(torch.autograd.Function):
-    """y_b = Σ_i α_bi f(x_b; W ⊙ M_i) with α ``[B, k]``; ∂L/∂α_bi = <f(x_b; W ⊙ M_i), ∂L/∂y_b>.
+#: Largest B·P (floats) for which per-sample superposition materialises per-sample weights ``[B, P]``.
+PER_SAMPLE_WEIGHT_BUDGET = 1 << 25
 
-    Computed over chunks of tasks (each chunk unpacked once, recomputed in backward): no float
-    ``[k, P]`` tensor is kept. With ``uniform`` the forward is a single pass with the mean mask.
+
+class _PerSampleSuperpose(torch.autograd.Function):
+    """y_b = f(x_b; W ⊙ Σ_i α_bi M_i) with α ``[B, k]``.
+
+    A layer is linear in its weight, so ∂L/∂α_bi = ⟨M_i, W ⊙ G_b⟩ with G_b = ∂L/∂W_eff of sample b.
+    When ``B · P`` fits ``PER_SAMPLE_WEIGHT_BUDGET``: the forward builds the B mixes with one
+    superposition pass (the mean mask when ``uniform``) and runs the layer with per-sample weights
+    (``_stacked_forward``, chunks of one sample); the backward gets all G_b from one autograd call and
+    contracts them with the bits in one pass (``bank.contract``). Otherwise (large B · P) it falls back to
+    chunks of unpacked tasks: y_b = Σ_i α_bi f(x_b; W ⊙ M_i), ∂L/∂α_bi = ⟨f(x_b; W ⊙ M_i), ∂L/∂y_b⟩,
+    recomputed in the backward. Neither path keeps a float ``[k, P]`` tensor.
     """
+
+    @staticmethod
+    def _per_sample_weights(layer: SupermaskLayer, alpha: torch.Tensor, uniform: bool) -> torch.Tensor:
+        bank = layer.bank
+        if uniform:
+            return (layer.weight * bank.mean_mask()).expand(alpha.shape[0], *bank.shape)
+        return layer.weight * bank.superpose_many(alpha)
 
     @staticmethod
     def forward(ctx, x, alpha, layer: SupermaskLayer, uniform: bool):
         ctx.layer, ctx.uniform = layer, uniform
         ctx.save_for_backward(x, alpha)
         bank = layer.bank
+        ctx.direct = x.shape[0] * bank.num_weights <= PER_SAMPLE_WEIGHT_BUDGET
         if uniform:
             return layer._forward_with(x, layer.weight * bank.mean_mask())
+        if ctx.direct:
+            return layer._stacked_forward(x, _PerSampleSuperpose._per_sample_weights(layer, alpha, False))
         out = None
-        for start, chunk in bank.iter_masks(layer.weight.dtype):
-            ys = layer._multi_forward(x, layer.weight * chunk.view(-1, *bank.shape))  # [B, c, *out]
-            a = alpha[:, start : start + chunk.shape[0]].reshape(*alpha.shape[:1], -1, *([1] * (ys.dim() - 2)))
+        for start, weights in bank.iter_masks(weight=layer.weight):
+            ys = layer._multi_forward(x, weights.view(-1, *bank.shape))  # [B, c, *out]
+            a = alpha[:, start : start + weights.shape[0]].reshape(*alpha.shape[:1], -1, *([1] * (ys.dim() - 2)))
             part = (a * ys).sum(1)
             out = part if out is None else out + part
         return out
@@ -207,20 +228,29 @@ class _PerSampleSuperpose(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, alpha = ctx.saved_tensors
         layer, bank = ctx.layer, ctx.layer.bank
-        grad_alpha = torch.empty_like(alpha)
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        for start, chunk in bank.iter_masks(layer.weight.dtype):
-            weights = layer.weight * chunk.view(-1, *bank.shape)
-            stop = start + chunk.shape[0]
+        want_x = ctx.needs_input_grad[0]
+        if ctx.direct:
+            weights = _PerSampleSuperpose._per_sample_weights(layer, alpha, ctx.uniform).detach().requires_grad_(True)
+            xr = x.detach().requires_grad_(want_x)
             with torch.enable_grad():
-                xr = x.detach().requires_grad_(grad_x is not None and not ctx.uniform)
+                y = layer._stacked_forward(xr, weights)
+                grads = torch.autograd.grad(y, [weights, xr] if want_x else [weights], grad_out)
+            grad_alpha = bank.contract(grads[0] * layer.weight)  # [B, k]
+            return (grads[1] if want_x else None), grad_alpha, None, None
+        grad_alpha = torch.empty_like(alpha)
+        grad_x = torch.zeros_like(x) if want_x else None
+        for start, weights in bank.iter_masks(weight=layer.weight):
+            weights = weights.view(-1, *bank.shape)
+            stop = start + weights.shape[0]
+            with torch.enable_grad():
+                xr = x.detach().requires_grad_(want_x and not ctx.uniform)
                 ys = layer._multi_forward(xr, weights)  # [B, c, *out]
                 g = grad_out.unsqueeze(1)
                 grad_alpha[:, start:stop] = (ys.detach() * g).flatten(2).sum(-1)
                 if xr.requires_grad:
                     a = alpha[:, start:stop].reshape(*alpha.shape[:1], -1, *([1] * (ys.dim() - 2)))
                     grad_x += torch.autograd.grad(ys, xr, a * g)[0]
-        if grad_x is not None and ctx.uniform:
+        if want_x and ctx.uniform:
             xr = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 y = layer._forward_with(xr, layer.weight * bank.mean_mask())

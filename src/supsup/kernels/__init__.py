@@ -1,0 +1,159 @@
+"""Kernels on bit-packed masks ``packed [k, R] uint8`` (R = ⌈P/8⌉, bit i of byte j = weight 8j + i).
+
+Three operations, each with one signature and several backends:
+
+- ``contract(packed, g)``: ``[k] = M @ g`` for ``g [P]`` (or ``[n, k]`` for ``g [n, P]``): the α-gradient
+  ∂L/∂α_i = ⟨M_i, ∂L/∂W_eff ⊙ W⟩, read straight from the bits;
+- ``superpose(packed, alpha, P)``: ``[P] = Σ_i α_i M_i`` for ``alpha [k]`` (or ``[n, P]`` for ``[n, k]``);
+- ``unpack(packed, P, weight=None)``: ``[c, P]`` float masks of a few rows, times ``weight`` if given.
+
+Backends: ``triton`` (CUDA tensors, when Triton imports), ``native`` (CPU, a small C library built on
+first use, see ``native.py``) and ``torch`` (any device: unpack chunks of rows to float and use a matmul;
+the reference the others are tested against). ``SUPSUP_KERNELS=torch|native|triton`` or
+``use_backend(...)`` forces one; otherwise the fastest available for the tensor's device is used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from supsup.kernels import native
+from supsup.masks import unpack_bits
+
+BACKENDS = ("torch", "native", "triton")
+
+#: Float elements one unpacked chunk may hold in the torch backend (64 MiB of float32).
+CHUNK_ELEMENTS = 1 << 24
+
+_forced: str | None = None
+
+
+def _triton():
+    from supsup.kernels import triton_kernels  # imports triton; may raise ImportError
+
+    return triton_kernels
+
+
+def triton_available() -> bool:
+    try:
+        _triton()
+        return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    except ImportError:
+        return False
+
+
+def backend_for(device: torch.device) -> str:
+    """The backend used for tensors on ``device``."""
+    name = _forced or os.environ.get("SUPSUP_KERNELS") or None
+    if name is not None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
+        return name
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    if device.type == "cpu" and native.available():
+        return "native"
+    return "torch"
+
+
+@contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force a backend inside the block (None: automatic choice)."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+# ------------------------------------------------------------------------------ torch reference
+def chunk_rows(num_bits: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(num_bits, 1))
+
+
+def iter_unpacked(packed: torch.Tensor, num_bits: int, dtype: torch.dtype = torch.float32,
+                  weight: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(first_row, [c, P] dtype)`` over ``packed`` in bounded-memory chunks (× ``weight`` if given)."""
+    rows = chunk_rows(num_bits)
+    for start in range(0, packed.shape[0], rows):
+        yield start, unpack(packed[start : start + rows], num_bits, weight, dtype)
+
+
+def _torch_unpack(packed, num_bits, weight, dtype):
+    bits = unpack_bits(packed, num_bits, dtype)
+    return bits if weight is None else bits * weight.reshape(-1).to(dtype)
+
+
+def _torch_contract(packed, g):
+    num_bits = g.shape[-1]
+    out = torch.empty(g.shape[0], packed.shape[0], dtype=torch.float32, device=packed.device)
+    for start in range(0, packed.shape[0], chunk_rows(num_bits)):
+        chunk = unpack_bits(packed[start : start + chunk_rows(num_bits)], num_bits, torch.float32)
+        out[:, start : start + chunk.shape[0]] = g @ chunk.T
+    return out
+
+
+def _torch_superpose(packed, alpha, num_bits):
+    mix = torch.zeros(alpha.shape[0], num_bits, dtype=torch.float32, device=packed.device)
+    for start in range(0, packed.shape[0], chunk_rows(num_bits)):
+        chunk = unpack_bits(packed[start : start + chunk_rows(num_bits)], num_bits, torch.float32)
+        mix += alpha[:, start : start + chunk.shape[0]] @ chunk
+    return mix
+
+
+# ------------------------------------------------------------------------------ dispatch
+def _check(packed: torch.Tensor, num_bits: int) -> None:
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"expected packed masks [k, R] uint8, got {tuple(packed.shape)} {packed.dtype}")
+    if packed.shape[1] != (num_bits + 7) // 8:
+        raise ValueError(f"{num_bits} bits need {(num_bits + 7) // 8} bytes per row, got {packed.shape[1]}")
+
+
+def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``M @ g``: ``g [P] -> [k]``, ``g [n, P] -> [n, k]`` (float32), M the bits of ``packed [k, R]``."""
+    single = g.dim() == 1
+    g2 = g.reshape(1, -1) if single else g.reshape(g.shape[0], -1)
+    _check(packed, g2.shape[1])
+    g2 = g2.to(device=packed.device, dtype=torch.float32)
+    name = backend_for(packed.device)
+    if name == "native" and packed.device.type == "cpu":
+        out = native.contract(packed, g2)
+    elif name == "triton" and (packed.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        out = _triton().contract(packed, g2)
+    else:
+        out = _torch_contract(packed, g2)
+    return out[0] if single else out
+
+
+def superpose(packed: torch.Tensor, alpha: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """``Σ_i α_i M_i``: ``alpha [k] -> [P]``, ``alpha [n, k] -> [n, P]`` (float32)."""
+    _check(packed, num_bits)
+    single = alpha.dim() == 1
+    a2 = alpha.reshape(1, -1) if single else alpha
+    if a2.shape[1] != packed.shape[0]:
+        raise ValueError(f"alpha has {a2.shape[1]} entries per row for {packed.shape[0]} masks")
+    a2 = a2.to(device=packed.device, dtype=torch.float32)
+    name = backend_for(packed.device)
+    if name == "native" and packed.device.type == "cpu":
+        out = native.superpose(packed, a2, num_bits)
+    elif name == "triton" and (packed.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        out = _triton().superpose(packed, a2, num_bits)
+    else:
+        out = _torch_superpose(packed, a2, num_bits)
+    return out[0] if single else out
+
+
+def unpack(packed: torch.Tensor, num_bits: int, weight: torch.Tensor | None = None,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[c, P]`` masks of ``packed [c, R]`` as ``dtype``, times ``weight [P]`` when given."""
+    _check(packed, num_bits)
+    if dtype == torch.float32 and packed.device.type == "cpu" and backend_for(packed.device) == "native":
+        return native.unpack(packed, num_bits, weight)
+    return _torch_unpack(packed, num_bits, weight, dtype)

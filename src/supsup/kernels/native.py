@@ -1,0 +1,151 @@
+"""CPU kernels in C (``native.c``), compiled with the system C compiler on first use and loaded with ctypes.
+
+No torch headers are involved, so a build takes well under a second; the shared library is cached under
+``$SUPSUP_CACHE`` (default ``~/.cache/supsup``) keyed by the source, the compiler flags and the CPU's
+feature flags (the build uses ``-march=native``). When no compiler works, ``available()`` is False and
+the caller falls back to the pure-torch path. ``SUPSUP_NATIVE=0`` disables the library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("native.c")
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_tried = False
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SUPSUP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "supsup")
+    return Path(root) / "kernels"
+
+
+def _build() -> ctypes.CDLL:
+    source = _SOURCE.read_text()
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    key = hashlib.sha256("\0".join([source, compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"supsup_native_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)],
+                                    capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+            os.replace(built, target)  # atomic: concurrent builders all end with a complete file
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for name, args in (("ss_contract", [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
+                       ("ss_superpose", [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
+                       ("ss_unpack", [ptr, i64, i64, i64, ptr, ptr, ctypes.c_int])):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, building it on first call; None when it cannot be built."""
+    global _lib, _error, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("SUPSUP_NATIVE", "1") == "0":
+                _error = "disabled by SUPSUP_NATIVE=0"
+            else:
+                try:
+                    _lib = _build()
+                except Exception as exc:  # no compiler, read-only cache, odd platform: use torch instead
+                    _error = f"{type(exc).__name__}: {exc}"
+            _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def why_unavailable() -> str | None:
+    library()
+    return _error
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _padded(vec: torch.Tensor, length: int) -> torch.Tensor:
+    """``[..., P]`` float32 contiguous, zero-padded to ``[..., length]``."""
+    vec = vec.to(torch.float32)
+    if vec.shape[-1] < length:
+        vec = torch.nn.functional.pad(vec, (0, length - vec.shape[-1]))
+    return vec.contiguous()
+
+
+def _check(packed: torch.Tensor) -> None:
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.device.type != "cpu":
+        raise ValueError(f"expected packed masks [k, R] uint8 on the CPU, got {tuple(packed.shape)} "
+                         f"{packed.dtype} on {packed.device}")
+
+
+def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[n, k] = g [n, P] · bits(packed [k, R])ᵀ``, P <= 8R."""
+    _check(packed)
+    packed = packed.contiguous()
+    k, R = packed.shape
+    gp = _padded(g, 8 * R)
+    out = torch.empty(g.shape[0], k, dtype=torch.float32)
+    if k and library().ss_contract(packed.data_ptr(), k, R, gp.data_ptr(), g.shape[0], out.data_ptr(), _threads()):
+        raise MemoryError("ss_contract could not allocate its partial sums")
+    return out
+
+
+def superpose(packed: torch.Tensor, alpha: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """``[n, P] = alpha [n, k] @ bits(packed [k, R])``."""
+    _check(packed)
+    packed = packed.contiguous()
+    k, R = packed.shape
+    alpha = alpha.to(torch.float32).contiguous()
+    out = torch.zeros(alpha.shape[0], 8 * R, dtype=torch.float32)
+    if k:
+        library().ss_superpose(packed.data_ptr(), k, R, alpha.data_ptr(), alpha.shape[0], out.data_ptr(), _threads())
+    return out[:, :num_bits]
+
+
+def unpack(packed: torch.Tensor, num_bits: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``[k, P]`` float32: the bits of ``packed [k, R]``, times ``weight [P]`` when given."""
+    _check(packed)
+    packed = packed.contiguous()
+    k, R = packed.shape
+    w = None if weight is None else weight.reshape(-1).to(torch.float32).contiguous()
+    out = torch.empty(k, num_bits, dtype=torch.float32)
+    if k:
+        library().ss_unpack(packed.data_ptr(), k, R, num_bits, None if w is None else w.data_ptr(), out.data_ptr(),
+                            _threads())
+    return out

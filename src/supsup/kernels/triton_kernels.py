@@ -1,0 +1,110 @@
+"""GPU kernels in Triton for bit-packed masks (imported only when Triton is installed).
+
+``contract``: each program owns ``BT`` task rows and one split of the byte columns; it loads a
+``[BT, BJ]`` tile of bytes, expands it to ``[BT, BJ, 8]`` bits in registers and reduces against the
+matching ``[BJ, 8]`` tile of g. The splits write partial sums ``[n, S, k]`` that one torch ``sum``
+finishes (deterministic; no atomics). ``superpose`` is the transpose: each program owns ``BJ`` byte
+columns and one split of the task rows. Neither ever writes a float ``[k, P]`` tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _contract_kernel(packed_ptr, g_ptr, out_ptr, k, R, bytes_per_split, num_splits,
+                     BT: tl.constexpr, BJ: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    r = tl.program_id(2)
+    rows = pid_t * BT + tl.arange(0, BT)
+    row_ok = rows < k
+    row_off = rows.to(tl.int64) * R
+    shifts = tl.arange(0, 8)
+    g_base = g_ptr + r.to(tl.int64) * (8 * R)
+    acc = tl.zeros([BT, BJ], dtype=tl.float32)
+    col0 = pid_s * bytes_per_split
+    for j in range(0, bytes_per_split, BJ):
+        cols = col0 + j + tl.arange(0, BJ)
+        col_ok = cols < R
+        p = tl.load(packed_ptr + row_off[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+        g = tl.load(g_base + cols[:, None] * 8 + shifts[None, :], mask=col_ok[:, None], other=0.0)  # [BJ, 8]
+        bits = (p.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 1  # [BT, BJ, 8]
+        acc += tl.sum(tl.where(bits != 0, g[None, :, :], 0.0), axis=2)
+    out = tl.sum(acc, axis=1)
+    tl.store(out_ptr + (r * num_splits + pid_s).to(tl.int64) * k + rows, out, mask=row_ok)
+
+
+@triton.jit
+def _superpose_kernel(packed_ptr, alpha_ptr, out_ptr, k, R, rows_per_split, num_splits,
+                      BT: tl.constexpr, BJ: tl.constexpr):
+    pid_j = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    r = tl.program_id(2)
+    cols = pid_j * BJ + tl.arange(0, BJ)
+    col_ok = cols < R
+    shifts = tl.arange(0, 8)
+    acc = tl.zeros([BJ, 8], dtype=tl.float32)
+    row0 = pid_s * rows_per_split
+    for t in range(0, rows_per_split, BT):
+        rows = row0 + t + tl.arange(0, BT)
+        row_ok = rows < k
+        p = tl.load(packed_ptr + rows.to(tl.int64)[:, None] * R + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0)
+        a = tl.load(alpha_ptr + r.to(tl.int64) * k + rows, mask=row_ok, other=0.0)  # [BT]
+        bits = (p.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 1  # [BT, BJ, 8]
+        acc += tl.sum(tl.where(bits != 0, a[:, None, None], 0.0), axis=0)
+    offs = (r * num_splits + pid_s).to(tl.int64) * (8 * R) + cols[:, None] * 8 + shifts[None, :]
+    tl.store(out_ptr + offs, acc, mask=col_ok[:, None])
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+#: Tile sizes (rows × bytes); the GPU check script may override them after timing a few.
+CONTRACT_TILE = (32, 32)
+SUPERPOSE_TILE = (32, 32)
+
+
+def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[n, k] = g [n, P] · bits(packed [k, R])ᵀ`` (P <= 8R)."""
+    packed = packed.contiguous()
+    k, R = packed.shape
+    n = g.shape[0]
+    gp = torch.nn.functional.pad(g.float(), (0, 8 * R - g.shape[1])).contiguous()
+    BT, BJ = CONTRACT_TILE
+    row_blocks = triton.cdiv(k, BT)
+    col_blocks = triton.cdiv(R, BJ)
+    splits = max(1, min(col_blocks, triton.cdiv(_target_programs(packed.device), row_blocks * n)))
+    bytes_per_split = triton.cdiv(col_blocks, splits) * BJ
+    splits = triton.cdiv(R, bytes_per_split)
+    partial = torch.empty(n, splits, k, dtype=torch.float32, device=packed.device)
+    if k:
+        _contract_kernel[(row_blocks, splits, n)](packed, gp, partial, k, R, bytes_per_split, splits, BT=BT, BJ=BJ)
+    return partial.sum(1)
+
+
+def superpose(packed: torch.Tensor, alpha: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """``[n, P] = alpha [n, k] @ bits(packed [k, R])``."""
+    packed = packed.contiguous()
+    k, R = packed.shape
+    n = alpha.shape[0]
+    alpha = alpha.float().contiguous()
+    BT, BJ = SUPERPOSE_TILE
+    col_blocks = triton.cdiv(R, BJ)
+    row_blocks = triton.cdiv(max(k, 1), BT)
+    splits = max(1, min(row_blocks, triton.cdiv(_target_programs(packed.device), col_blocks * n)))
+    rows_per_split = triton.cdiv(row_blocks, splits) * BT
+    splits = triton.cdiv(max(k, 1), rows_per_split)
+    partial = torch.empty(n, splits, 8 * R, dtype=torch.float32, device=packed.device)
+    if k:
+        _superpose_kernel[(col_blocks, splits, n)](packed, alpha, partial, k, R, rows_per_split, splits, BT=BT, BJ=BJ)
+    else:
+        partial.zero_()
+    return partial.sum(1)[:, :num_bits]
