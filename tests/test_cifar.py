@@ -122,6 +122,7 @@ def test_split_cifar100_end_to_end_gg(cifar_root):
                         nf=4)
     result = run_gg(model, stream, paper_gg_config(batches_per_task=3, batch_size=5), num_tasks=2)
     assert result.at_end == result.after_task and len(result.at_end) == 2
-    assert result.bytes_stored == 2 * model.bytes_per_task()
+    bn_channels = sum(bn.num_features for bn in model.norm_layers())
+    assert result.bytes_stored == 2 * model.bytes_per_task() + 2 * 2 * bn_channels * 4  # masks + BN mean/var
     lb = lower_bound(lambda: gem_resnet18(5, nf=4), stream, paper_gg_config(batches_per_task=2, batch_size=5), num_tasks=2)
     assert len(lb.at_end) == 2

@@ -15,6 +15,7 @@ from supsup.data.streams import TaskStream
 from supsup.evaluation import evaluate_task
 from supsup.learners import TrainConfig, train_task_group
 from supsup.model import SupermaskModel
+from supsup.storage import bn_statistics_bytes
 from supsup.transfer import RunningMeanScores
 
 
@@ -26,7 +27,8 @@ def paper_gg_config(batches_per_task: int, batch_size: int = 128, tasks_at_once:
 
 @dataclass
 class GGResult:
-    """Accuracy per task right after learning it and at the end of the run; bytes of the stored masks."""
+    """Accuracy per task right after learning it and at the end of the run; bytes stored (for SupSup: the
+    bit-packed masks plus the per-task BN running statistics, fp32)."""
 
     method: str
     after_task: list[float] = field(default_factory=list)
@@ -68,6 +70,7 @@ def run_gg(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig, *, trans
             if on_task is not None:
                 on_task(t, acc)
     result.at_end = [evaluate_task(model, stream, t, "GG").accuracy for t in range(num_tasks)]
-    result.bytes_stored = model.bytes_per_task() * model.num_tasks
+    bn_channels = sum(bn.num_features for bn in model.norm_layers())
+    result.bytes_stored = model.bytes_per_task() * model.num_tasks + bn_statistics_bytes(bn_channels, model.num_tasks)
     result.seconds = time.perf_counter() - start
     return result

@@ -1,0 +1,68 @@
+"""Issue 5 acceptance run: scenario GG on SplitFashionMNIST (5 × 2 classes, real data) with the reduced
+ResNet-18, on the CPU: SupSup (and SupSup Transfer) next to Upper Bound and Lower Bound on the same stream,
+batches and optimiser. Prints one JSON line per method and a Markdown table.
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python scripts/issue5_gg_fashion.py --nf 8 --batches 250 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from supsup.architectures import build_model
+from supsup.baselines import lower_bound, upper_bound
+from supsup.data.fashion import SplitFashionMNIST, load_split_fashion
+from supsup.density import er_density
+from supsup.gg import paper_gg_config, run_gg
+from supsup.learners import TrainConfig
+from supsup.resnets import gem_resnet18
+
+
+def run(nf: int = 8, batches: int = 250, batch_size: int = 64, multiplier: float = 8, seed: int = 0,
+        data_root=None, methods=("supsup", "transfer", "upper", "lower")) -> list[dict]:
+    stream = SplitFashionMNIST(load_split_fashion(data_root))
+    gg = paper_gg_config(batches_per_task=batches, batch_size=batch_size)
+    dense = TrainConfig(optimizer="adam", lr=1e-3, cosine=True, batch_size=batch_size, batches_per_task=batches)
+    build = lambda: gem_resnet18(output_size=2, in_channels=1, nf=nf)  # noqa: E731
+    results = []
+    for method in methods:
+        torch.manual_seed(seed)
+        if method in ("supsup", "transfer"):
+            model = build_model("gem_resnet18", output_size=2, num_classes=2, seed=seed, rule="topk",
+                                density=er_density(multiplier), nf=nf, in_channels=1)
+            r = run_gg(model, stream, gg, transfer=method == "transfer")
+            assert r.at_end == r.after_task, "per-task masks and BN statistics must not change after training"
+        elif method == "upper":
+            r = upper_bound(build, stream, dense, seed=seed)
+        else:
+            r = lower_bound(build, stream, dense, seed=seed)
+        results.append(r.as_dict())
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| method | accuracy right after each task | accuracy at the end | avg at end | bytes stored | s |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        fmt = lambda xs: " ".join(f"{100 * x:.2f}" for x in xs)  # noqa: E731
+        lines.append(f"| {r['method']} | {fmt(r['after_task'])} | {fmt(r['at_end'])} | {100 * r['average_at_end']:.2f} "
+                     f"| {r['bytes_stored']:,} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nf", type=int, default=8)
+    p.add_argument("--batches", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--multiplier", type=float, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--methods", default="supsup,transfer,upper,lower")
+    a = p.parse_args()
+    res = run(a.nf, a.batches, a.batch_size, a.multiplier, a.seed, a.data_root, tuple(a.methods.split(",")))
+    print(markdown(res))
