@@ -1,0 +1,1 @@
+"""Data: verified sources, datasets held as tensors, and task streams."""
