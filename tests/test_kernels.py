@@ -1,0 +1,133 @@
+"""Superposition from packed bits equals the float reference: kernel by kernel (every backend this
+machine has, the Triton kernel on a GPU), and through the layers' autograd (values, α-gradients and
+input gradients; shared and per-sample α; Linear and Conv2d)."""
+
+import os
+
+import pytest
+import torch
+
+from supsup import kernels
+from supsup import layers as layers_module
+from supsup.layers import SupermaskConv2d, SupermaskLinear, Superposition
+from supsup.masks import pack_bits
+
+
+def cpu_backends():
+    names = ["torch"]
+    if kernels.native.available():
+        names.append("native")
+    if os.environ.get("TRITON_INTERPRET") == "1" and kernels.triton_available():
+        names.append("triton")  # Triton's interpreter runs the GPU kernel on the CPU
+    return names
+
+
+CASES = [(1, 8), (3, 91), (40, 1000), (70, 4099), (5, 8 * 300 + 3)]  # (k, P): odd sizes and tails
+
+
+def reference(masks, g, alpha):
+    stack = masks.float()
+    return g @ stack.T, alpha @ stack
+
+
+def check_backend(name, device):
+    gen = torch.Generator().manual_seed(0)
+    for k, p in CASES:
+        masks = torch.rand(k, p, generator=gen) < 0.5
+        packed = pack_bits(masks).to(device)
+        g, alpha = torch.randn(3, p, generator=gen), torch.randn(2, k, generator=gen)
+        want_c, want_s = reference(masks, g, alpha)
+        with kernels.use_backend(name):
+            got_c = kernels.contract(packed, g.to(device)).cpu()
+            got_c1 = kernels.contract(packed, g[0].to(device)).cpu()
+            got_s = kernels.superpose(packed, alpha.to(device), p).cpu()
+            got_s1 = kernels.superpose(packed, alpha[1].to(device), p).cpu()
+            unpacked = kernels.unpack(packed, p, g[0].to(device)).cpu()
+        tol = dict(rtol=1e-5, atol=1e-4)
+        assert torch.allclose(got_c, want_c, **tol), (name, k, p, (got_c - want_c).abs().max())
+        assert torch.allclose(got_c1, want_c[0], **tol)
+        assert torch.allclose(got_s, want_s, **tol), (name, k, p, (got_s - want_s).abs().max())
+        assert torch.allclose(got_s1, want_s[1], **tol)
+        assert torch.equal(unpacked, masks.float() * g[0])
+
+
+@pytest.mark.parametrize("name", cpu_backends())
+def test_kernels_equal_the_float_reference_on_random_masks(name):
+    check_backend(name, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_gpu_kernels_equal_the_float_reference_on_random_masks(name):
+    if name == "triton" and not kernels.triton_available():
+        pytest.skip("triton is not installed")
+    check_backend(name, torch.device("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not kernels.triton_available(), reason="needs triton and a GPU")
+def test_triton_contract_equals_the_cpu_kernel_on_many_masks():
+    gen = torch.Generator().manual_seed(1)
+    packed = torch.randint(0, 256, (3000, 3750), dtype=torch.uint8, generator=gen)  # LeNet's 2nd layer, k = 3000
+    g = torch.randn(30_000, generator=gen)
+    alpha = torch.rand(3000, generator=gen)
+    cpu_c, cpu_s = kernels.contract(packed, g), kernels.superpose(packed, alpha, 30_000)
+    with kernels.use_backend("triton"):
+        gpu_c = kernels.contract(packed.cuda(), g.cuda()).cpu()
+        gpu_s = kernels.superpose(packed.cuda(), alpha.cuda(), 30_000).cpu()
+    assert torch.allclose(gpu_c, cpu_c, rtol=1e-4, atol=1e-2)
+    assert torch.allclose(gpu_s, cpu_s, rtol=1e-4, atol=1e-2)
+
+
+# ------------------------------------------------------------------------------ through the layers
+def make_layer(kind, k, device):
+    gen = torch.Generator().manual_seed(2)
+    if kind == "linear":
+        layer, x = SupermaskLinear(37, 11, seed=1), torch.randn(5, 37, generator=gen)
+    else:
+        layer, x = SupermaskConv2d(3, 4, 3, padding=1, seed=1), torch.randn(5, 3, 6, 6, generator=gen)
+    layer.bank.add(torch.rand(k, *layer.weight.shape, generator=gen) < 0.5)
+    return layer.to(device), x.to(device)
+
+
+def float_reference(layer, x, alpha):
+    """f(x_b; W ⊙ Σ_i α_(b)i M_i) through a float [k, P] stack: the formula, not the kernels."""
+    stack = layer.bank.masks(torch.arange(layer.bank.num_tasks), torch.float32)
+    if alpha.dim() == 1:
+        return layer._forward_with(x, layer.weight * torch.einsum("k,k...->...", alpha, stack))
+    return torch.cat([layer._forward_with(x[b : b + 1], layer.weight * torch.einsum("k,k...->...", alpha[b], stack))
+                      for b in range(x.shape[0])])
+
+
+def values_and_grads(fn, x, alpha, probe):
+    x = x.clone().requires_grad_(True)
+    alpha = alpha.clone().requires_grad_(True)
+    y = fn(x, alpha)
+    gx, ga = torch.autograd.grad((y * probe).sum(), [x, alpha])
+    return y.detach(), ga, gx
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("mode", ["shared", "shared-uniform", "per-sample", "per-sample-uniform",
+                                  "per-sample-chunked", "per-sample-chunked-uniform"])
+def test_superposition_from_bits_equals_the_float_reference(kind, mode, monkeypatch):
+    k = 23
+    layer, x = make_layer(kind, k, torch.device("cpu"))
+    uniform = mode.endswith("uniform")
+    shape = (k,) if mode.startswith("shared") else (x.shape[0], k)
+    alpha = torch.full(shape, 1.0 / k) if uniform else torch.rand(shape, generator=torch.Generator().manual_seed(3))
+    if "chunked" in mode:  # force the large-batch path: tasks in chunks of unpacked masks
+        monkeypatch.setattr(layers_module, "PER_SAMPLE_WEIGHT_BUDGET", 0)
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 5 * layer.weight.numel())
+
+    def routed(x, alpha):
+        layer.route = Superposition(alpha, uniform=uniform)
+        try:
+            return layer(x)
+        finally:
+            layer.route = None
+
+    probe = torch.randn_like(float_reference(layer, x, alpha))
+    got = values_and_grads(routed, x, alpha, probe)
+    want = values_and_grads(lambda x, a: float_reference(layer, x, a), x, alpha, probe)
+    for a, b, what in zip(got, want, ("values", "alpha-gradient", "input-gradient")):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (what, (a - b).abs().max())
