@@ -325,12 +325,24 @@ def run_benchmarks(device: str | torch.device = "cpu", quick: bool = False, json
                "rows": []}
     started = time.perf_counter()
     reps = settings["reps"]
-    for precision in settings["precisions"]:
-        results["rows"] += bench_training(device, counts=tuple(settings["train_counts"]), reps=reps,
-                                          precision=precision)
-    results["rows"] += bench_oneshot(device, "fc1024", settings["fc_ks"], reps=reps, graphs=device.type == "cuda")
-    results["rows"] += bench_oneshot(device, "lenet", settings["lenet_ks"], reps=reps, graphs=device.type == "cuda")
-    results["rows"] += bench_kernels(device, k=settings["kernel_k"], reps=reps)
+    parts: list[tuple[str, Callable[[], list[dict]]]] = [
+        (f"train {precision}", lambda p=precision: bench_training(device, counts=tuple(settings["train_counts"]),
+                                                                  reps=reps, precision=p))
+        for precision in settings["precisions"]]
+    parts += [(f"oneshot {name}", lambda n=name: bench_oneshot(device, n, settings[ks], reps=reps,
+                                                               graphs=device.type == "cuda"))
+              for name, ks in (("fc1024", "fc_ks"), ("lenet", "lenet_ks"))]
+    parts.append(("kernels", lambda: bench_kernels(device, k=settings["kernel_k"], reps=reps)))
+    for what, part in parts:
+        try:
+            results["rows"] += part()
+        except Exception as exc:  # one failing part (e.g. out of memory) must not lose the others
+            results["rows"].append({"figure": "error", "part": what, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if kernels.triton_failure:
+        results["meta"]["triton_failure"] = kernels.triton_failure
     results["meta"]["seconds"] = round(time.perf_counter() - started, 1)
     results["meta"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print_table(results, console)
@@ -368,7 +380,8 @@ def print_table(results: dict, console=None) -> None:
         table.add_column(col)
     for row in results["rows"]:
         if "error" in row:
-            table.add_row(row["figure"], f"{row['model']} k={row['k']:,}", "[red]" + row["error"][:60], "", "", "", "")
+            setting = row.get("part") or f"{row.get('model')} k={row.get('k', 0):,}"
+            table.add_row(row["figure"], setting, "[red]" + row["error"][:60], "", "", "", "")
             continue
         if row["figure"] == "train":
             table.add_row("train / task / batch", f"{row['model']} K={row['tasks_at_once']} {row['precision']}",

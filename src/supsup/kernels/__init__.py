@@ -16,6 +16,7 @@ the reference the others are tested against). ``SUPSUP_KERNELS=torch|native|trit
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,6 +31,8 @@ BACKENDS = ("torch", "native", "triton")
 CHUNK_ELEMENTS = 1 << 24
 
 _forced: str | None = None
+#: Why the Triton backend was switched off after a failure (compilation, driver), or None.
+triton_failure: str | None = None
 
 
 def _triton():
@@ -39,6 +42,8 @@ def _triton():
 
 
 def triton_available() -> bool:
+    if triton_failure is not None:
+        return False
     try:
         _triton()
         return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -109,6 +114,21 @@ def _torch_superpose(packed, alpha, num_bits):
 
 
 # ------------------------------------------------------------------------------ dispatch
+def _run_triton(op: str, *args):
+    """Run a Triton kernel chosen automatically; on a failure other than running out of memory, switch the
+    Triton backend off for this process (with a warning) and return None so that the caller uses torch."""
+    global triton_failure
+    try:
+        return getattr(_triton(), op)(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # compilation or launch failure: the torch path computes the same thing
+        triton_failure = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"supsup: the Triton {op} kernel failed ({triton_failure[:300]}); using the torch path",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
 def _check(packed: torch.Tensor, num_bits: int) -> None:
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"expected packed masks [k, R] uint8, got {tuple(packed.shape)} {packed.dtype}")
@@ -126,7 +146,9 @@ def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if name == "native" and packed.device.type == "cpu":
         out = native.contract(packed, g2)
     elif name == "triton" and (packed.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        out = _triton().contract(packed, g2)
+        out = _run_triton("contract", packed, g2) if _forced is None else _triton().contract(packed, g2)
+        if out is None:
+            out = _torch_contract(packed, g2)
     else:
         out = _torch_contract(packed, g2)
     return out[0] if single else out
@@ -144,7 +166,10 @@ def superpose(packed: torch.Tensor, alpha: torch.Tensor, num_bits: int) -> torch
     if name == "native" and packed.device.type == "cpu":
         out = native.superpose(packed, a2, num_bits)
     elif name == "triton" and (packed.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        out = _triton().superpose(packed, a2, num_bits)
+        out = _run_triton("superpose", packed, a2, num_bits) if _forced is None else \
+            _triton().superpose(packed, a2, num_bits)
+        if out is None:
+            out = _torch_superpose(packed, a2, num_bits)
     else:
         out = _torch_superpose(packed, a2, num_bits)
     return out[0] if single else out

@@ -39,6 +39,32 @@ def _contract_kernel(packed_ptr, g_ptr, out_ptr, k, R, bytes_per_split, num_spli
 
 
 @triton.jit
+def _contract_lut_kernel(packed_ptr, g_ptr, out_ptr, k, R, rows_per_split, num_col_blocks,
+                         BT: tl.constexpr, BJ: tl.constexpr):
+    """Byte look-up variant: per column block, a table [256, BJ] of every byte value's partial dot
+    product with g, then one gather per byte instead of eight bit operations."""
+    pid_j = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    r = tl.program_id(2)
+    cols = pid_j * BJ + tl.arange(0, BJ)
+    col_ok = cols < R
+    shifts = tl.arange(0, 8)
+    g = tl.load(g_ptr + r.to(tl.int64) * (8 * R) + cols[:, None] * 8 + shifts[None, :], mask=col_ok[:, None],
+                other=0.0)  # [BJ, 8]
+    value_bits = (tl.arange(0, 256)[:, None] >> shifts[None, :]) & 1  # [256, 8]
+    table = tl.sum(tl.where(value_bits[:, None, :] != 0, g[None, :, :], 0.0), axis=2)  # [256, BJ]
+    row0 = pid_s * rows_per_split
+    out_base = out_ptr + (r * num_col_blocks + pid_j).to(tl.int64) * k
+    for t in range(0, rows_per_split, BT):
+        rows = row0 + t + tl.arange(0, BT)
+        row_ok = rows < k
+        p = tl.load(packed_ptr + rows.to(tl.int64)[:, None] * R + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.int32)
+        vals = tl.gather(table, p, axis=0)  # [BT, BJ]: table[p[i, j], j]
+        tl.store(out_base + rows, tl.sum(vals, axis=1), mask=row_ok)
+
+
+@triton.jit
 def _superpose_kernel(packed_ptr, alpha_ptr, out_ptr, k, R, rows_per_split, num_splits,
                       BT: tl.constexpr, BJ: tl.constexpr):
     pid_j = tl.program_id(0)
@@ -67,9 +93,12 @@ def _target_programs(device: torch.device) -> int:
     return 4
 
 
-#: Tile sizes (rows × bytes); the GPU check script may override them after timing a few.
-CONTRACT_TILE = (32, 32)
-SUPERPOSE_TILE = (32, 32)
+#: Tiles (rows, bytes, warps); ``benchmarks/gpu_check.py`` times a few and may set the best.
+CONTRACT_TILE = (32, 32, 4)
+#: ``bits`` (expand bytes to bits in registers) or ``lut`` (a 256-entry table per byte column, gathered).
+CONTRACT_VARIANT = "bits"
+LUT_TILE = (128, 32, 4)
+SUPERPOSE_TILE = (32, 32, 4)
 
 
 def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -78,7 +107,9 @@ def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     k, R = packed.shape
     n = g.shape[0]
     gp = torch.nn.functional.pad(g.float(), (0, 8 * R - g.shape[1])).contiguous()
-    BT, BJ = CONTRACT_TILE
+    if CONTRACT_VARIANT == "lut":
+        return _contract_lut(packed, gp, k, R, n)
+    BT, BJ, warps = CONTRACT_TILE
     row_blocks = triton.cdiv(k, BT)
     col_blocks = triton.cdiv(R, BJ)
     splits = max(1, min(col_blocks, triton.cdiv(_target_programs(packed.device), row_blocks * n)))
@@ -86,7 +117,8 @@ def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     splits = triton.cdiv(R, bytes_per_split)
     partial = torch.empty(n, splits, k, dtype=torch.float32, device=packed.device)
     if k:
-        _contract_kernel[(row_blocks, splits, n)](packed, gp, partial, k, R, bytes_per_split, splits, BT=BT, BJ=BJ)
+        _contract_kernel[(row_blocks, splits, n)](packed, gp, partial, k, R, bytes_per_split, splits, BT=BT, BJ=BJ,
+                                                    num_warps=warps)
     return partial.sum(1)
 
 
@@ -96,7 +128,7 @@ def superpose(packed: torch.Tensor, alpha: torch.Tensor, num_bits: int) -> torch
     k, R = packed.shape
     n = alpha.shape[0]
     alpha = alpha.float().contiguous()
-    BT, BJ = SUPERPOSE_TILE
+    BT, BJ, warps = SUPERPOSE_TILE
     col_blocks = triton.cdiv(R, BJ)
     row_blocks = triton.cdiv(max(k, 1), BT)
     splits = max(1, min(row_blocks, triton.cdiv(_target_programs(packed.device), col_blocks * n)))
@@ -104,7 +136,22 @@ def superpose(packed: torch.Tensor, alpha: torch.Tensor, num_bits: int) -> torch
     splits = triton.cdiv(max(k, 1), rows_per_split)
     partial = torch.empty(n, splits, 8 * R, dtype=torch.float32, device=packed.device)
     if k:
-        _superpose_kernel[(col_blocks, splits, n)](packed, alpha, partial, k, R, rows_per_split, splits, BT=BT, BJ=BJ)
+        _superpose_kernel[(col_blocks, splits, n)](packed, alpha, partial, k, R, rows_per_split, splits, BT=BT, BJ=BJ,
+                                                     num_warps=warps)
     else:
         partial.zero_()
     return partial.sum(1)[:, :num_bits]
+
+
+def _contract_lut(packed: torch.Tensor, gp: torch.Tensor, k: int, R: int, n: int) -> torch.Tensor:
+    BT, BJ, warps = LUT_TILE
+    col_blocks = triton.cdiv(R, BJ)
+    row_blocks = triton.cdiv(max(k, 1), BT)
+    splits = max(1, min(row_blocks, triton.cdiv(_target_programs(packed.device), col_blocks * n)))
+    rows_per_split = triton.cdiv(row_blocks, splits) * BT
+    splits = triton.cdiv(max(k, 1), rows_per_split)
+    partial = torch.empty(n, col_blocks, k, dtype=torch.float32, device=packed.device)
+    if k:
+        _contract_lut_kernel[(col_blocks, splits, n)](packed, gp, partial, k, R, rows_per_split, col_blocks,
+                                                      BT=BT, BJ=BJ, num_warps=warps)
+    return partial.sum(1)
