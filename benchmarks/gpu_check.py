@@ -126,8 +126,12 @@ def stage_tune(device: torch.device, tiny: bool) -> dict:
 def summarize(report: dict) -> list[str]:
     lines = [f"device: {report['meta'].get('gpu') or report['meta'].get('device')}  "
              f"torch {torch.__version__}  total {elapsed():.0f} s"]
-    tests = report.get("tests", {})
-    lines.append(f"tests: {'PASSED' if tests.get('passed') else 'FAILED'} ({tests.get('tail', '').splitlines()[-1:]})")
+    tests = report.get("tests")
+    if tests is None:
+        lines.append("tests: skipped")
+    else:
+        verdict = "PASSED" if tests.get("passed") else "FAILED"
+        lines.append(f"tests: {verdict} ({(tests.get('tail') or tests.get('error') or '').splitlines()[-1:]})")
     tune = report.get("tune", {})
     if "contract_best" in tune:
         lines.append(f"tune: contract best {tune['contract_best']}, superpose best {tune.get('superpose_best')}")

@@ -329,8 +329,8 @@ def run_benchmarks(device: str | torch.device = "cpu", quick: bool = False, json
         (f"train {precision}", lambda p=precision: bench_training(device, counts=tuple(settings["train_counts"]),
                                                                   reps=reps, precision=p))
         for precision in settings["precisions"]]
-    parts += [(f"oneshot {name}", lambda n=name: bench_oneshot(device, n, settings[ks], reps=reps,
-                                                               graphs=device.type == "cuda"))
+    parts += [(f"oneshot {name}", lambda n=name, ks=ks: bench_oneshot(device, n, settings[ks], reps=reps,
+                                                                      graphs=device.type == "cuda"))
               for name, ks in (("fc1024", "fc_ks"), ("lenet", "lenet_ks"))]
     parts.append(("kernels", lambda: bench_kernels(device, k=settings["kernel_k"], reps=reps)))
     for what, part in parts:

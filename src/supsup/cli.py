@@ -229,5 +229,24 @@ def fetch(data_root: DataRoot = None) -> None:
     console.print(f"MNIST verified in {folder} (source: {source})")
 
 
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option("--device", help="torch device: cpu or cuda.")] = "cpu",
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes: under a minute on 2 CPU cores.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's).")] = None,
+) -> None:
+    """Speed and memory of training and One-Shot inference, each as a ratio to the dense computation."""
+    import torch
+
+    from supsup.bench import run_benchmarks
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    run_benchmarks(device, quick=quick, json_path=json_path, console=console)
+    if json_path is not None:
+        console.print(f"saved {json_path}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
