@@ -85,8 +85,14 @@ def test_training_starts_from_all_ones_and_learns_different_masks(trained):
     assert all(0 < int(m.sum()) < 1024 for masks in true for m in masks)
 
 
-def test_recovery_finds_each_tasks_mask_from_held_out_images(trained):
+@pytest.mark.parametrize("joint", [False, True])
+def test_recovery_finds_each_tasks_mask_from_held_out_images(trained, joint):
     model, stream, cfg, true = trained
+    if joint:  # the same masks in one store over both layers (same frozen weights, by seed)
+        model = HopSupSup(seed=1, width=1024, joint=True)
+        for masks in true:
+            model.store(masks)
+        assert model.nbytes == 2048 * 2048 * 4 + 2048 * 4 + 8
     for task in range(3):
         _, held_out = split_train(stream, task, cfg.holdout, cfg.seed)
         batches = [stream.batch(task, "train", held_out[i : i + 64])[0] for i in range(0, cfg.holdout, 64)]

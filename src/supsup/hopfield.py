@@ -152,12 +152,20 @@ class BNNet(nn.Sequential):
 
 
 class HopSupSup(nn.Module):
-    """BNNet plus one Hopfield store per masked layer. Learned masks live only in the stores."""
+    """BNNet plus Hopfield stores; learned masks live only in the stores.
 
-    def __init__(self, seed: int = 1, width: int = 2048, rule: str = "storkey", output_size: int = 10):
+    ``joint=False`` (the reference): one ``[d, d]`` store per masked layer, each layer recalled on its
+    own. ``joint=True``: one ``[L·d, L·d]`` store over all layers' masks concatenated (L² times the
+    bytes, still constant in tasks), so every layer is pulled toward the same task's pattern."""
+
+    def __init__(self, seed: int = 1, width: int = 2048, rule: str = "storkey", output_size: int = 10,
+                 joint: bool = False):
         super().__init__()
         self.net = BNNet(seed, width, output_size=output_size)
-        self.stores = nn.ModuleList([HopfieldStore(width, rule) for _ in self.net.mask_layers()])
+        self.sizes = [layer.d for layer in self.net.mask_layers()]
+        self.joint = joint
+        dims = [sum(self.sizes)] if joint else self.sizes
+        self.stores = nn.ModuleList([HopfieldStore(d, rule) for d in dims])
 
     @property
     def num_tasks(self) -> int:
@@ -170,7 +178,26 @@ class HopSupSup(nn.Module):
 
     @property
     def mask_bits_per_task(self) -> int:
-        return sum(layer.d for layer in self.net.mask_layers())
+        return sum(self.sizes)
+
+    def _to_stores(self, per_layer: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat(list(per_layer))] if self.joint else list(per_layer)
+
+    def _to_layers(self, per_store: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(torch.cat(list(per_store)).split(self.sizes))
+
+    def store(self, masks: Sequence[torch.Tensor]) -> None:
+        """Write one task's masks (``[d]`` per layer) into the stores, and nowhere else."""
+        for store, m in zip(self.stores, self._to_stores(masks), strict=True):
+            store.store(m)
+
+    def majority_scores(self) -> list[torch.Tensor]:
+        """Per layer, the mean stored pattern ``[d]``: the recovery's start (its sign = majority vote)."""
+        return self._to_layers([store.majority_scores() for store in self.stores])
+
+    def energy(self, patterns: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Σ_stores E_Ψ(z) for per-layer ``z [d]`` in {−1, 1} (differentiable)."""
+        return sum(store.energy(z) for store, z in zip(self.stores, self._to_stores(patterns), strict=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -178,23 +205,18 @@ class HopSupSup(nn.Module):
     def set_scores(self, scores: Sequence[torch.Tensor] | None) -> list[nn.Parameter]:
         """Train/recover masks from ``scores`` (one ``[d]`` per layer); ``None`` clears them."""
         params = []
-        for layer, s in zip(self.net.mask_layers(), scores or [None] * len(self.stores)):
+        for layer, s in zip(self.net.mask_layers(), scores or [None] * len(self.sizes)):
             layer.scores = None if s is None else nn.Parameter(s.detach().clone().float())
             params.append(layer.scores)
         return params
 
     def set_masks(self, masks: Sequence[torch.Tensor] | None) -> None:
         """Use fixed masks (one ``[d]`` bool per layer), e.g. a recovered one; ``None``: all ones."""
-        for layer, m in zip(self.net.mask_layers(), masks or [None] * len(self.stores)):
+        for layer, m in zip(self.net.mask_layers(), masks or [None] * len(self.sizes)):
             layer.scores, layer.mask = None, None if m is None else m.float()
 
     def current_masks(self) -> list[torch.Tensor]:
         return [layer.current_mask().detach() > 0 for layer in self.net.mask_layers()]
-
-    def store(self, masks: Sequence[torch.Tensor]) -> None:
-        """Write one task's masks into the stores (and nowhere else)."""
-        for store, m in zip(self.stores, masks, strict=True):
-            store.store(m)
 
 
 @dataclass
@@ -275,7 +297,7 @@ def recover(model: HopSupSup, batches: Iterable[torch.Tensor], cfg: RecoveryConf
     batches = list(batches)
     if model.num_tasks == 0:
         raise RuntimeError("no mask is stored: train a task first")
-    params = model.set_scores([store.majority_scores() for store in model.stores])
+    params = model.set_scores(model.majority_scores())
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     result = Recovery(masks=[], history=[model.current_masks()])
     total = len(batches)
@@ -283,7 +305,7 @@ def recover(model: HopSupSup, batches: Iterable[torch.Tensor], cfg: RecoveryConf
     for b, x in enumerate(batches, start=1):
         t = b / total
         h = entropy(model(x)).mean()
-        e = sum(store.energy(2 * threshold_mask(s) - 1) for store, s in zip(model.stores, params))
+        e = model.energy([2 * threshold_mask(s) - 1 for s in params])
         loss = (1 - t) * h + cfg.gamma * t * e
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -311,6 +333,15 @@ def steps_to_recover(history: list[list[torch.Tensor]], true: list[list[torch.Te
             first = step if first is None else first
         else:
             first = None
+    return first
+
+
+def steps_to_match(history: list[list[torch.Tensor]], target: list[torch.Tensor], tolerance: int = 0) -> int | None:
+    """First step from which the trajectory stays within ``tolerance`` bits of ``target`` (0: exact);
+    ``None`` if it does not end there."""
+    first = None
+    for step, masks in enumerate(history):
+        first = (step if first is None else first) if hamming(masks, target) <= tolerance else None
     return first
 
 
