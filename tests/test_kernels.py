@@ -56,6 +56,46 @@ def test_kernels_equal_the_float_reference_on_random_masks(name):
     check_backend(name, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("name", cpu_backends())
+def test_contraction_skips_zero_stretches_of_the_gradient_exactly(name):
+    """Rows of dead ReLUs make whole stretches of ∂L/∂W_eff ⊙ W zero; skipping them changes nothing."""
+    gen = torch.Generator().manual_seed(4)
+    masks = torch.rand(40, 300, 50, generator=gen) < 0.5  # [k, out, in]: 300 rows of 50 weights
+    g = torch.randn(300, 50, generator=gen) * (torch.rand(300, 1, generator=gen) < 0.3)  # 70% of rows zero
+    g[:, :7] = 0
+    with kernels.use_backend(name):
+        got = kernels.contract(pack_bits(masks.reshape(40, -1)), g.reshape(-1))
+    assert torch.allclose(got, masks.reshape(40, -1).float() @ g.reshape(-1), rtol=1e-5, atol=1e-4)
+
+
+def test_native_kernels_without_avx512_equal_the_reference(tmp_path):
+    """The portable C path (built for a CPU without AVX-512) gives the same results."""
+    if not kernels.native.available():
+        pytest.skip(f"no native kernels: {kernels.native.why_unavailable()}")
+    script = (
+        "import torch\n"
+        "from supsup.kernels import native\n"
+        "native._FLAGS[native._FLAGS.index('-march=native')] = '-march=x86-64'\n"
+        "import supsup.kernels as K\n"
+        "from supsup.masks import pack_bits\n"
+        "assert native.available(), native.why_unavailable()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for k, p in [(3, 91), (40, 4099)]:\n"
+        "    m = torch.rand(k, p, generator=g) < 0.5\n"
+        "    v = torch.randn(2, p, generator=g); v[:, 64:640] = 0\n"
+        "    a = torch.randn(2, k, generator=g)\n"
+        "    assert torch.allclose(native.contract(pack_bits(m), v), v @ m.float().T, rtol=1e-5, atol=1e-4)\n"
+        "    assert torch.allclose(native.superpose(pack_bits(m), a, p), a @ m.float(), rtol=1e-5, atol=1e-4)\n"
+        "    assert torch.equal(native.unpack(pack_bits(m), p, v[0]), m.float() * v[0])\n"
+    )
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SUPSUP_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("name", ["torch", "triton"])
 def test_gpu_kernels_equal_the_float_reference_on_random_masks(name):

@@ -18,6 +18,7 @@ typedef struct {
     const uint8_t *packed;
     int64_t k, R, n;
     const float *vec;   /* contract: g [n, 8R]; superpose: alpha [n, k]; unpack: weight [8R] or NULL */
+    const uint8_t *live; /* contract: [n, ceil(R/8)] nonzero flags of g per 64 weights, or NULL */
     float *out;         /* contract: partial [threads, n, k]; superpose: [n, 8R]; unpack: [k, 8R] */
     int64_t first, last; /* block range [first, last) of this thread */
     int64_t rows0, rows1; /* unpack only: row range of this thread */
@@ -25,14 +26,18 @@ typedef struct {
 
 static inline uint16_t load16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
-/* sum_j bits(row[j]) . g[8j .. 8j+8) over bytes [j0, j1) */
-static inline float dot_bits(const uint8_t *row, const float *g, int64_t j0, int64_t j1) {
+/* sum_j bits(row[j]) . g[8j .. 8j+8) over bytes [j0, j1), j0 a multiple of 8. Groups of 8 bytes
+ * (64 weights) whose g is all zero are skipped when live[] is given (e.g. the rows of dead ReLUs). */
+static inline float dot_bits(const uint8_t *row, const float *g, const uint8_t *live, int64_t j0, int64_t j1) {
 #ifdef __AVX512F__
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) {
+    for (; j + 8 <= j1; j += 8) {
+        if (live && !live[j >> 3]) continue;
         a0 = _mm512_mask_add_ps(a0, (__mmask16)load16(row + j), a0, _mm512_loadu_ps(g + 8 * j));
         a1 = _mm512_mask_add_ps(a1, (__mmask16)load16(row + j + 2), a1, _mm512_loadu_ps(g + 8 * j + 16));
+        a0 = _mm512_mask_add_ps(a0, (__mmask16)load16(row + j + 4), a0, _mm512_loadu_ps(g + 8 * j + 32));
+        a1 = _mm512_mask_add_ps(a1, (__mmask16)load16(row + j + 6), a1, _mm512_loadu_ps(g + 8 * j + 48));
     }
     for (; j + 2 <= j1; j += 2)
         a0 = _mm512_mask_add_ps(a0, (__mmask16)load16(row + j), a0, _mm512_loadu_ps(g + 8 * j));
@@ -42,6 +47,7 @@ static inline float dot_bits(const uint8_t *row, const float *g, int64_t j0, int
 #else
     float acc[8] = {0};
     for (int64_t j = j0; j < j1; ++j) {
+        if (live && !live[j >> 3]) { j |= 7; continue; }
         const unsigned v = row[j];
         for (int b = 0; b < 8; ++b) acc[b] += (v >> b & 1u) ? g[8 * j + b] : 0.0f;
     }
@@ -57,8 +63,14 @@ static void *contract_job(void *arg) {
         const int64_t j0 = blk * BLK, j1 = j0 + BLK < J->R ? j0 + BLK : J->R;
         for (int64_t r = 0; r < J->n; ++r) {
             const float *g = J->vec + r * 8 * J->R;
+            const uint8_t *live = J->live ? J->live + r * ((J->R + 7) / 8) : NULL;
+            if (live) { /* the whole block zero: nothing to add */
+                int any = 0;
+                for (int64_t q = j0 >> 3; q < (j1 + 7) >> 3; ++q) any |= live[q];
+                if (!any) continue;
+            }
             float *o = J->out + r * J->k;
-            for (int64_t t = 0; t < J->k; ++t) o[t] += dot_bits(J->packed + t * J->R, g, j0, j1);
+            for (int64_t t = 0; t < J->k; ++t) o[t] += dot_bits(J->packed + t * J->R, g, live, j0, j1);
         }
     }
     return NULL;
@@ -139,15 +151,18 @@ static int clamp_threads(int threads, int64_t units) {
     return threads;
 }
 
-/* out [n, k] = g [n, 8R] contracted with the bits of packed [k, R]. Returns 0, or -1 on allocation failure. */
-int ss_contract(const uint8_t *packed, int64_t k, int64_t R, const float *g, int64_t n, float *out, int threads) {
+/* out [n, k] = g [n, 8R] contracted with the bits of packed [k, R]; live: NULL or [n, ceil(R/8)] flags
+ * (0 = these 64 entries of g are all zero). Returns 0, or -1 on allocation failure. */
+int ss_contract(const uint8_t *packed, int64_t k, int64_t R, const float *g, const uint8_t *live, int64_t n,
+                float *out, int threads) {
     const int64_t blocks = (R + BLK - 1) / BLK;
     threads = clamp_threads(threads, blocks);
     float *partial = (float *)calloc((size_t)threads * n * k, sizeof(float));
     if (!partial) return -1;
     job_t jobs[64];
     for (int i = 0; i < threads; ++i) {
-        job_t J = {packed, k, R, n, g, partial + (size_t)i * n * k, blocks * i / threads, blocks * (i + 1) / threads, 0, 0};
+        job_t J = {packed, k, R, n, g, live, partial + (size_t)i * n * k, blocks * i / threads,
+                   blocks * (i + 1) / threads, 0, 0};
         jobs[i] = J;
     }
     run_jobs(contract_job, jobs, threads);
@@ -166,7 +181,7 @@ int ss_superpose(const uint8_t *packed, int64_t k, int64_t R, const float *alpha
     threads = clamp_threads(threads, blocks);
     job_t jobs[64];
     for (int i = 0; i < threads; ++i) {
-        job_t J = {packed, k, R, n, alpha, out, blocks * i / threads, blocks * (i + 1) / threads, 0, 0};
+        job_t J = {packed, k, R, n, alpha, NULL, out, blocks * i / threads, blocks * (i + 1) / threads, 0, 0};
         jobs[i] = J;
     }
     run_jobs(superpose_job, jobs, threads);
@@ -178,7 +193,7 @@ int ss_unpack(const uint8_t *packed, int64_t k, int64_t R, int64_t P, const floa
     threads = clamp_threads(threads, k);
     job_t jobs[64];
     for (int i = 0; i < threads; ++i) {
-        job_t J = {packed, k, R, P, weight, out, 0, 0, k * i / threads, k * (i + 1) / threads};
+        job_t J = {packed, k, R, P, weight, NULL, out, 0, 0, k * i / threads, k * (i + 1) / threads};
         jobs[i] = J;
     }
     run_jobs(unpack_job, jobs, threads);

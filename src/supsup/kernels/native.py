@@ -61,7 +61,7 @@ def _build() -> ctypes.CDLL:
             os.replace(built, target)  # atomic: concurrent builders all end with a complete file
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for name, args in (("ss_contract", [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
+    for name, args in (("ss_contract", [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]),
                        ("ss_superpose", [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
                        ("ss_unpack", [ptr, i64, i64, i64, ptr, ptr, ctypes.c_int])):
         fn = getattr(lib, name)
@@ -114,14 +114,23 @@ def _check(packed: torch.Tensor) -> None:
                          f"{packed.dtype} on {packed.device}")
 
 
+#: From this many masks on, ``contract`` skips stretches of 64 weights where g is zero (dead ReLU rows,
+#: zero pixels): exact, and the flags cost one pass over g.
+SKIP_ZEROS_FROM_K = 16
+
+
 def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``[n, k] = g [n, P] · bits(packed [k, R])ᵀ``, P <= 8R."""
     _check(packed)
     packed = packed.contiguous()
     k, R = packed.shape
     gp = _padded(g, 8 * R)
+    live = None
+    if k >= SKIP_ZEROS_FROM_K:  # one pass over g buys skipping its all-zero stretches in k passes
+        live = _padded(gp, 64 * ((R + 7) // 8)).view(g.shape[0], -1, 64).ne(0).any(-1).to(torch.uint8).contiguous()
     out = torch.empty(g.shape[0], k, dtype=torch.float32)
-    if k and library().ss_contract(packed.data_ptr(), k, R, gp.data_ptr(), g.shape[0], out.data_ptr(), _threads()):
+    if k and library().ss_contract(packed.data_ptr(), k, R, gp.data_ptr(), None if live is None else live.data_ptr(),
+                                   g.shape[0], out.data_ptr(), _threads()):
         raise MemoryError("ss_contract could not allocate its partial sums")
     return out
 

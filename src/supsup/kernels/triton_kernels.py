@@ -15,7 +15,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _contract_kernel(packed_ptr, g_ptr, out_ptr, k, R, bytes_per_split, num_splits,
+def _contract_kernel(packed_ptr, g_ptr, live_ptr, out_ptr, k, R, bytes_per_split, num_splits, num_col_blocks,
                      BT: tl.constexpr, BJ: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -28,18 +28,22 @@ def _contract_kernel(packed_ptr, g_ptr, out_ptr, k, R, bytes_per_split, num_spli
     acc = tl.zeros([BT, BJ], dtype=tl.float32)
     col0 = pid_s * bytes_per_split
     for j in range(0, bytes_per_split, BJ):
-        cols = col0 + j + tl.arange(0, BJ)
-        col_ok = cols < R
-        p = tl.load(packed_ptr + row_off[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
-        g = tl.load(g_base + cols[:, None] * 8 + shifts[None, :], mask=col_ok[:, None], other=0.0)  # [BJ, 8]
-        bits = (p.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 1  # [BT, BJ, 8]
-        acc += tl.sum(tl.where(bits != 0, g[None, :, :], 0.0), axis=2)
+        block = (col0 + j) // BJ
+        live = tl.load(live_ptr + r * num_col_blocks + block, mask=block < num_col_blocks, other=0)
+        if live != 0:  # skip column blocks where g is all zero (rows of dead ReLUs): exact
+            cols = col0 + j + tl.arange(0, BJ)
+            col_ok = cols < R
+            p = tl.load(packed_ptr + row_off[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                        other=0)
+            g = tl.load(g_base + cols[:, None] * 8 + shifts[None, :], mask=col_ok[:, None], other=0.0)  # [BJ, 8]
+            bits = (p.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 1  # [BT, BJ, 8]
+            acc += tl.sum(tl.where(bits != 0, g[None, :, :], 0.0), axis=2)
     out = tl.sum(acc, axis=1)
     tl.store(out_ptr + (r * num_splits + pid_s).to(tl.int64) * k + rows, out, mask=row_ok)
 
 
 @triton.jit
-def _contract_lut_kernel(packed_ptr, g_ptr, out_ptr, k, R, rows_per_split, num_col_blocks,
+def _contract_lut_kernel(packed_ptr, g_ptr, live_ptr, out_ptr, k, R, rows_per_split, num_col_blocks,
                          BT: tl.constexpr, BJ: tl.constexpr):
     """Byte look-up variant: per column block, a table [256, BJ] of every byte value's partial dot
     product with g, then one gather per byte instead of eight bit operations."""
@@ -55,13 +59,15 @@ def _contract_lut_kernel(packed_ptr, g_ptr, out_ptr, k, R, rows_per_split, num_c
     table = tl.sum(tl.where(value_bits[:, None, :] != 0, g[None, :, :], 0.0), axis=2)  # [256, BJ]
     row0 = pid_s * rows_per_split
     out_base = out_ptr + (r * num_col_blocks + pid_j).to(tl.int64) * k
-    for t in range(0, rows_per_split, BT):
-        rows = row0 + t + tl.arange(0, BT)
-        row_ok = rows < k
-        p = tl.load(packed_ptr + rows.to(tl.int64)[:, None] * R + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.int32)
-        vals = tl.gather(table, p, axis=0)  # [BT, BJ]: table[p[i, j], j]
-        tl.store(out_base + rows, tl.sum(vals, axis=1), mask=row_ok)
+    live = tl.load(live_ptr + r * num_col_blocks + pid_j)
+    if live != 0:  # the output was zeroed: an all-zero block of g has nothing to add
+        for t in range(0, rows_per_split, BT):
+            rows = row0 + t + tl.arange(0, BT)
+            row_ok = rows < k
+            p = tl.load(packed_ptr + rows.to(tl.int64)[:, None] * R + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.int32)
+            vals = tl.gather(table, p, axis=0)  # [BT, BJ]: table[p[i, j], j]
+            tl.store(out_base + rows, tl.sum(vals, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -85,6 +91,13 @@ def _superpose_kernel(packed_ptr, alpha_ptr, out_ptr, k, R, rows_per_split, num_
         acc += tl.sum(tl.where(bits != 0, a[:, None, None], 0.0), axis=0)
     offs = (r * num_splits + pid_s).to(tl.int64) * (8 * R) + cols[:, None] * 8 + shifts[None, :]
     tl.store(out_ptr + offs, acc, mask=col_ok[:, None])
+
+
+def _live_blocks(gp: torch.Tensor, bytes_per_block: int) -> torch.Tensor:
+    """``[n, ⌈R/BJ⌉] int8``: 1 where the block of ``8·BJ`` entries of g holds a nonzero (one pass over g)."""
+    width = 8 * bytes_per_block
+    padded = torch.nn.functional.pad(gp, (0, (-gp.shape[1]) % width))
+    return padded.view(gp.shape[0], -1, width).ne(0).any(-1).to(torch.int8).contiguous()
 
 
 def _target_programs(device: torch.device) -> int:
@@ -117,8 +130,9 @@ def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     splits = triton.cdiv(R, bytes_per_split)
     partial = torch.empty(n, splits, k, dtype=torch.float32, device=packed.device)
     if k:
-        _contract_kernel[(row_blocks, splits, n)](packed, gp, partial, k, R, bytes_per_split, splits, BT=BT, BJ=BJ,
-                                                    num_warps=warps)
+        live = _live_blocks(gp, BJ)
+        _contract_kernel[(row_blocks, splits, n)](packed, gp, live, partial, k, R, bytes_per_split, splits, col_blocks,
+                                                    BT=BT, BJ=BJ, num_warps=warps)
     return partial.sum(1)
 
 
@@ -150,8 +164,9 @@ def _contract_lut(packed: torch.Tensor, gp: torch.Tensor, k: int, R: int, n: int
     splits = max(1, min(row_blocks, triton.cdiv(_target_programs(packed.device), col_blocks * n)))
     rows_per_split = triton.cdiv(row_blocks, splits) * BT
     splits = triton.cdiv(max(k, 1), rows_per_split)
-    partial = torch.empty(n, col_blocks, k, dtype=torch.float32, device=packed.device)
+    partial = torch.zeros(n, col_blocks, k, dtype=torch.float32, device=packed.device)
     if k:
-        _contract_lut_kernel[(col_blocks, splits, n)](packed, gp, partial, k, R, rows_per_split, col_blocks,
+        live = _live_blocks(gp, BJ)
+        _contract_lut_kernel[(col_blocks, splits, n)](packed, gp, live, partial, k, R, rows_per_split, col_blocks,
                                                       BT=BT, BJ=BJ, num_warps=warps)
     return partial.sum(1)
