@@ -64,9 +64,10 @@ def stage_tune(device: torch.device, tiny: bool) -> dict:
     packed = torch.randint(0, 256, (k, R), dtype=torch.uint8, device=device, generator=gen)
     g = torch.randn(8 * R, device=device, generator=gen)
     alpha = torch.rand(k, device=device, generator=gen)
-    # reference: the CPU kernel (native C if available, else torch) on the same bits
-    ref_c = kernels.contract(packed.cpu(), g.cpu())
-    ref_s = kernels.superpose(packed.cpu(), alpha.cpu(), 8 * R)
+    # reference: the torch path (unpack chunks to float, matmul) on the same device and bits
+    with kernels.use_backend("torch"):
+        ref_c = kernels.contract(packed, g).cpu()
+        ref_s = kernels.superpose(packed, alpha, 8 * R).cpu()
     reps = 3 if tiny else 10
     result = {"k": k, "row_bytes": R, "contract": [], "superpose": []}
     contract_candidates = [("bits", t) for t in [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8), (128, 32, 8),
@@ -123,6 +124,35 @@ def stage_tune(device: torch.device, tiny: bool) -> dict:
     return result
 
 
+def run_tune_child(args, out: Path) -> dict:
+    """The tuning in a child process: a Triton compiler crash there costs the tuning, not the run."""
+    cmd = [sys.executable, __file__, "--tune-only", "--device", args.device, "--out", str(out)] + \
+        (["--tiny"] if args.tiny else [])
+    env = {**os.environ, "PYTHONPATH": "src" + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    (out / "tune.json").unlink(missing_ok=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": "tuning timed out after 120 s; default tiles kept"}
+    if proc.returncode != 0 or not (out / "tune.json").exists():
+        return {"error": f"tuning exited with {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}"}
+    return json.loads((out / "tune.json").read_text())
+
+
+def apply_tuning(tune: dict) -> None:
+    from supsup.kernels import triton_kernels as tk
+
+    best = tune.get("contract_best")
+    if best:
+        tk.CONTRACT_VARIANT = best["variant"]
+        if best["variant"] == "lut":
+            tk.LUT_TILE = tuple(best["tile"])
+        else:
+            tk.CONTRACT_TILE = tuple(best["tile"])
+    if tune.get("superpose_best"):
+        tk.SUPERPOSE_TILE = tuple(tune["superpose_best"]["tile"])
+
+
 def summarize(report: dict) -> list[str]:
     lines = [f"device: {report['meta'].get('gpu') or report['meta'].get('device')}  "
              f"torch {torch.__version__}  total {elapsed():.0f} s"]
@@ -164,6 +194,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (a dry run of the script itself)")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--tune-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,8 +223,12 @@ def main() -> int:
 
     if not args.skip_tests:
         guarded("tests", lambda: stage_tests(device, timeout=60 if args.tiny else 150))
+    if args.tune_only:  # the child process of the "tune" stage
+        (out / "tune.json").write_text(json.dumps(stage_tune(device, args.tiny), indent=2))
+        return 0
     if kernels.triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        guarded("tune", lambda: stage_tune(device, args.tiny))
+        guarded("tune", lambda: run_tune_child(args, out))
+        apply_tuning(report.get("tune", {}))
     plan = None
     if args.tiny:
         plan = {"train_counts": (1, 2), "fc_ks": [10], "lenet_ks": [10, 50], "kernel_k": 50, "reps": 3,
