@@ -102,8 +102,9 @@ def _from_present(dataset: IdxDataset, folder: Path) -> bool:
     for file in dataset.md5:
         raw, packed = folder / file, folder / f"{file}.gz"
         if not raw.is_file() and packed.is_file():
-            with gzip.open(packed, "rb") as src, open(raw, "wb") as dst:
+            with tempfile.NamedTemporaryFile(dir=folder, delete=False) as dst, gzip.open(packed, "rb") as src:
                 shutil.copyfileobj(src, dst)
+            os.replace(dst.name, raw)  # atomic: concurrent runs never see a half-written file
     if all((folder / f).is_file() for f in dataset.md5):
         dataset.check(folder)
         return True
