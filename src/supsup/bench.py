@@ -312,15 +312,18 @@ def _plan(device: torch.device, quick: bool) -> dict:
 
 
 def run_benchmarks(device: str | torch.device = "cpu", quick: bool = False, json_path: str | Path | None = None,
-                   *, plan: dict | None = None, console=None) -> dict:
+                   *, plan: dict | None = None, console=None, retain_memory: bool = True) -> dict:
     """Run every benchmark on ``device``, print a table and (if ``json_path``) write JSON; returns the results.
 
-    ``quick`` takes well under a minute on 2 CPU cores; ``plan`` overrides the sizes (keys of ``_plan``)."""
+    ``quick`` takes well under a minute on 2 CPU cores; ``plan`` overrides the sizes (keys of ``_plan``).
+    ``retain_memory`` applies ``kernels.retain_freed_memory()`` first (CPU; the dense references run
+    under the same allocator, and ``meta.retained_freed_memory`` records it)."""
     device = torch.device(device)
+    retained = kernels.retain_freed_memory() if retain_memory and device.type == "cpu" else False
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     settings = {**_plan(device, quick), **(plan or {})}
-    results = {"meta": {**machine_info(device), "quick": quick,
+    results = {"meta": {**machine_info(device), "quick": quick, "retained_freed_memory": retained,
                         "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}},
                "rows": []}
     started = time.perf_counter()

@@ -235,6 +235,7 @@ def bench(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes: under a minute on 2 CPU cores.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's).")] = None,
+    retain_memory: Annotated[bool, typer.Option(help="Keep freed CPU memory in the heap (glibc mallopt).")] = True,
 ) -> None:
     """Speed and memory of training and One-Shot inference, each as a ratio to the dense computation."""
     import torch
@@ -243,7 +244,7 @@ def bench(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    run_benchmarks(device, quick=quick, json_path=json_path, console=console)
+    run_benchmarks(device, quick=quick, json_path=json_path, console=console, retain_memory=retain_memory)
     if json_path is not None:
         console.print(f"saved {json_path}")
 
