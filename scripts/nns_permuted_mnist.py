@@ -48,7 +48,7 @@ def main() -> None:
 
     def progress(done: int) -> None:
         if done % 1000 == 0:
-            print(f"batch {done:6d}  masks {model.num_tasks}  {time.perf_counter() - start:7.1f} s", flush=True)
+            print(f"batch {done:6d}  bank rows (masks, at least --min-slots) {model.num_tasks}  {time.perf_counter() - start:7.1f} s", flush=True)
 
     result = train_nns(model, hidden_task_batches(stream, args.batches_per_task, args.batch_size), cfg,
                        on_batch=progress)

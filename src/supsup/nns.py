@@ -92,6 +92,10 @@ class Decision:
     slots: int
     best: int
 
+    def __post_init__(self):
+        if self.decision not in DECISIONS:
+            raise ValueError(f"unknown decision {self.decision!r}; expected one of {DECISIONS}")
+
 
 @dataclass
 class NNsResult:
