@@ -71,6 +71,27 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: i
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 2,
+                     budget_s: float | None = None) -> dict[str, float]:
+    """Median milliseconds of each function, run in turn within every repetition, so that a change in
+    the machine's load during the measurement hits all of them alike (the ratios stay meaningful)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start_all = time.perf_counter()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+        if budget_s is not None and time.perf_counter() - start_all > budget_s and len(times[name]) >= 3:
+            break
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def _peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -157,9 +178,6 @@ def bench_training(device: torch.device, *, name: str = "fc1024", output_size: i
             loss.backward()
             opt.step()
 
-        dense_ms = time_ms(dense_fwd_bwd, device, reps, budget_s=budget_s)
-        dense_step_ms = time_ms(dense_step, device, reps, budget_s=budget_s)
-        del dense, opt
         for count in counts:
             model = build_model(name, output_size=output_size, seed=0).to(device)
             ids = model.begin_tasks(count)
@@ -176,12 +194,14 @@ def bench_training(device: torch.device, *, name: str = "fc1024", output_size: i
                 optimizer.step()
 
             _peak_reset(device)
-            ms = time_ms(step, device, reps, budget_s=budget_s) / count
+            ms = time_interleaved({"supsup": step, "dense": dense_fwd_bwd, "dense_step": dense_step}, device, reps,
+                                  budget_s=budget_s)
+            per_task = ms["supsup"] / count
             rows.append({
                 "figure": "train", "model": name, "output_size": output_size, "batch": batch, "tasks_at_once": count,
-                "precision": precision, "ms_per_task_batch": ms, "dense_fwd_bwd_ms": dense_ms,
-                "dense_step_ms": dense_step_ms, "ratio_vs_dense": ms / dense_ms,
-                "ratio_vs_dense_step": ms / dense_step_ms, "peak_bytes": _peak_bytes(device),
+                "precision": precision, "ms_per_task_batch": per_task, "dense_fwd_bwd_ms": ms["dense"],
+                "dense_step_ms": ms["dense_step"], "ratio_vs_dense": per_task / ms["dense"],
+                "ratio_vs_dense_step": per_task / ms["dense_step"], "peak_bytes": _peak_bytes(device),
             })
             del model, optimizer, xs, ys
             gc.collect()
@@ -239,7 +259,6 @@ def bench_oneshot(device: torch.device, name: str, ks: list[int], *, output_size
         torch.special.entr(torch.softmax(out, -1)).sum().backward()
         dense.zero_grad(set_to_none=True)
 
-    dense_ms = time_ms(dense_fwd_bwd, device, reps, budget_s=budget_s)
     for k in ks:
         try:
             model = random_bank_model(name, k, device, output_size)
@@ -249,7 +268,9 @@ def bench_oneshot(device: torch.device, name: str, ks: list[int], *, output_size
         mask_bytes = sum(layer.bank.packed.numel() for layer in model.mask_layers())
         _peak_reset(device)
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        ms = time_ms(lambda: infer_tasks(model, x), device, reps, budget_s=budget_s)
+        ms = time_interleaved({"oneshot": lambda: infer_tasks(model, x), "dense": dense_fwd_bwd}, device, reps,
+                              budget_s=budget_s)
+        dense_ms, ms = ms["dense"], ms["oneshot"]
         row = {
             "figure": "oneshot", "model": name, "output_size": output_size, "k": k, "ms": ms,
             "dense_fwd_bwd_ms": dense_ms, "ratio_vs_dense": ms / dense_ms, "bytes_per_task": model.bytes_per_task(),
