@@ -53,3 +53,14 @@ def test_presets_lists_the_papers_experiments():
     assert result.exit_code == 0
     for name in ("permuted-mnist", "rotated-mnist", "split-mnist", "permuted-mnist-2500"):
         assert name in result.output
+
+
+def test_nns_scenario_allocates_one_mask_per_hidden_task(tmp_path, data_root):
+    out = tmp_path / "nns"
+    result = runner.invoke(app, ["run", "nns-permuted-mnist", "--tasks", "2", "--batches-per-task", "200",
+                                 "--data-root", str(data_root), "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_masks"] == 2 and results["average_accuracy_inferred"] > 0.8
+    decisions = json.loads((out / "nns_decisions.json").read_text())["decisions"]
+    assert [d["decision"] for d in decisions if d["decision"] in ("first", "new")] == ["first", "new"]

@@ -30,6 +30,7 @@ class Scenario(str, Enum):
     GG = "GG"
     GNs = "GNs"
     GNu = "GNu"
+    NNs = "NNs"
 
 
 class Method(str, Enum):
@@ -91,36 +92,50 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
+def _columns(scenario: str) -> list[tuple[str, str]]:
+    """(header, key) of the per-task table for a scenario."""
+    if scenario == "GG":
+        return [("accuracy (task given)", "accuracy")]
+    if scenario == "NNs":
+        return [("accuracy (masks inferred, shared labels)", "accuracy_inferred"), ("masks used", "inferred_masks")]
+    return [("accuracy (task given)", "accuracy"), ("task-inference accuracy", "task_inference_accuracy"),
+            ("accuracy (task inferred)", "accuracy_inferred")]
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{m}: {n}" for m, n in value.items())
+    return _fmt(value)
+
+
 def print_results(results: dict) -> None:
     """The final table: per task, accuracy with the task given and inferred, and the averages."""
     config = results["config"]
-    inf = config["inference"]
+    inf, scenario = config["inference"], config["scenario"]
     title = (f"{config['preset']}: {config['benchmark']}, {config['model']} (s={config['output_size']}), "
-             f"scenario {config['scenario']}")
-    if config["scenario"] != "GG":
+             f"scenario {scenario}")
+    if scenario != "GG":
         title += f", {inf['method']} / {inf['objective']} / {inf['granularity']}"
+    columns = _columns(scenario)
     table = Table(title=title)
-    table.add_column("task", justify="right")
-    table.add_column("accuracy (task given)", justify="right")
-    inferred = config["scenario"] != "GG"
-    if inferred:
-        table.add_column("task-inference accuracy", justify="right")
-        table.add_column("accuracy (task inferred)", justify="right")
+    table.add_column("hidden task" if scenario == "NNs" else "task", justify="right")
+    for header, _ in columns:
+        table.add_column(header, justify="right")
     rows = results["tasks"]
     shown = rows if len(rows) <= 30 else rows[:10] + [None] + rows[-10:]
     for row in shown:
         if row is None:
-            table.add_row("…", *["…"] * (3 if inferred else 1))
-            continue
-        cells = [str(row["task"]), _fmt(row["accuracy"])]
-        if inferred:
-            cells += [_fmt(row.get("task_inference_accuracy")), _fmt(row.get("accuracy_inferred"))]
-        table.add_row(*cells)
-    cells = ["mean", _fmt(results["average_accuracy"])]
-    if inferred:
-        cells += [_fmt(results.get("average_task_inference_accuracy")), _fmt(results.get("average_accuracy_inferred"))]
-    table.add_row(*cells, style="bold")
+            table.add_row("…", *["…"] * len(columns))
+        else:
+            table.add_row(str(row["task"]), *[_cell(row.get(key)) for _, key in columns])
+    averages = {"accuracy": results.get("average_accuracy"),
+                "task_inference_accuracy": results.get("average_task_inference_accuracy"),
+                "accuracy_inferred": results.get("average_accuracy_inferred")}
+    table.add_row("mean", *[_fmt(averages.get(key)) for _, key in columns], style="bold")
     console.print(table)
+    if scenario == "NNs":
+        console.print(f"NNs: {results['num_masks']} masks allocated for {results['num_hidden_tasks']} hidden tasks "
+                      f"(decision log: nns_decisions.json)")
     if "mixed_stream" in results:
         m = results["mixed_stream"]
         console.print(f"mixed stream ({m['samples']} samples of all tasks shuffled): accuracy with tasks given "
@@ -140,7 +155,8 @@ def run(
     batches_per_task: Annotated[Optional[int], typer.Option(help="Training batches per task.")] = None,
     model: Annotated[Optional[Model], typer.Option(help="Network.")] = None,
     output_size: Annotated[Optional[int], typer.Option(help="Outputs (classes + superfluous neurons).")] = None,
-    scenario: Annotated[Optional[Scenario], typer.Option(help="GG (task given), GNs or GNu (task inferred).")] = None,
+    scenario: Annotated[Optional[Scenario], typer.Option(
+        help="GG (task given), GNs or GNu (task inferred), NNs (no task ids at all).")] = None,
     inference: Annotated[Optional[Method], typer.Option("--inference", help="Task-inference method.")] = None,
     objective: Annotated[Optional[Objective], typer.Option(help="Task-inference objective.")] = None,
     granularity: Annotated[Optional[Granularity], typer.Option(help="One inference per image, batch or sample.")] = None,

@@ -74,6 +74,53 @@ def run_evaluation(model: SupermaskModel, stream: TaskStream, config: RunConfig,
     return out
 
 
+def _environment(config: RunConfig) -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "device": config.device}
+
+
+def run_nns(config: RunConfig, stream: TaskStream, model: SupermaskModel, out_dir: Path, progress: Progress) -> dict:
+    """Scenario NNs: the stream's tasks as one unlabeled stream of batches; masks allocated by the
+    learner; evaluated with inferred masks and shared labels. Saves the decision log."""
+    from supsup.nns import NNsConfig, evaluate_nns, hidden_task_batches, train_nns
+
+    started = time.perf_counter()
+    cfg = NNsConfig(optimizer=config.train.optimizer, lr=config.train.lr, weight_decay=config.train.weight_decay,
+                    objective=config.inference.objective)
+    batches = hidden_task_batches(stream, config.train.batches_per_task, config.train.batch_size)
+    total = config.tasks * config.train.batches_per_task
+    progress.on_stage(f"NNs: {config.tasks} hidden tasks, no task ids", total)
+    done = [0]
+
+    def advance(batches_done: int) -> None:
+        progress.on_advance(batches_done - done[0])
+        done[0] = batches_done
+
+    learned = train_nns(model, batches, cfg, on_batch=advance)
+    learned.save(out_dir / "nns_decisions.json")
+    train_seconds = time.perf_counter() - started
+    progress.on_stage(f"evaluating {config.tasks} hidden tasks with inferred masks", config.tasks)
+    evaluation = evaluate_nns(model, stream, config.inference, seed=config.seed,
+                              on_task=lambda r: progress.on_advance(1))
+    save_checkpoint(model, out_dir / "model.safetensors", extra={"preset": config.preset})
+    return {
+        "config": config.to_dict(),
+        "tasks": [{"task": r.task, "accuracy_inferred": r.accuracy,
+                   "inferred_masks": {str(m): n for m, n in r.inferred.items()}} for r in evaluation.tasks],
+        "average_accuracy": None,
+        "average_accuracy_inferred": evaluation.average_accuracy,
+        "num_hidden_tasks": config.tasks,
+        "num_masks": learned.num_masks,
+        "stopped_at_budget": learned.stopped,
+        "bytes_per_task": model.bytes_per_task(),
+        "bits_per_weight": 8 * model.bytes_per_task() / model.num_weights(),
+        "seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
+        "data_source": stream.source,
+        "environment": _environment(config),
+    }
+
+
 def run(config: RunConfig, out_dir: str | Path, data_root=None, progress: Progress = Progress()) -> dict:
     """Train and evaluate as configured; write results.json and model.safetensors into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -82,6 +129,10 @@ def run(config: RunConfig, out_dir: str | Path, data_root=None, progress: Progre
     started = time.perf_counter()
     stream = make_stream(config, data_root)
     model = make_model(config, stream)
+    if config.scenario == "NNs":
+        results = run_nns(config, stream, model, out_dir, progress)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        return results
     schedule = sorted({n for n in config.eval_at if n < config.tasks})
     train_seconds = eval_seconds = 0.0
     checkpoints: list[dict] = []
@@ -114,8 +165,7 @@ def run(config: RunConfig, out_dir: str | Path, data_root=None, progress: Progre
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "data_source": stream.source,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "device": config.device},
+        "environment": _environment(config),
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results

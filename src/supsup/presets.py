@@ -31,8 +31,8 @@ class RunConfig:
     description: str = ""
 
     def __post_init__(self):
-        if self.scenario not in SCENARIOS:
-            raise ValueError(f"unknown scenario {self.scenario!r}; expected one of {SCENARIOS}")
+        if self.scenario not in (*SCENARIOS, "NNs"):
+            raise ValueError(f"unknown scenario {self.scenario!r}; expected one of {(*SCENARIOS, 'NNs')}")
         if self.tasks < 1:
             raise ValueError(f"tasks must be >= 1, got {self.tasks}")
 
@@ -75,6 +75,9 @@ _TABLE = [
      "of 128 (paper Fig 5 left)", dict(train=TrainConfig(batches_per_task=200)),
      dict(benchmark="rotated-mnist", tasks=36, model="fc1024", output_size=200, eval_at=_ROTATED_SCHEDULE,
           inference=Inference(method="binary", granularity="batch"))),
+    ("nns-permuted-mnist", "Scenario NNs: PermutedMNIST 2500 hidden tasks of 1000 batches, no task ids in training "
+     "or test, LeNet 300-100, s=500, masks allocated by the entropy-gradient rule (paper Fig 4)", dict(tasks=20),
+     dict(tasks=2500, model="lenet", output_size=500, scenario="NNs")),
     ("split-mnist", "SplitMNIST 5 tasks of 2 digits, LeNet 300-100, s=100, GNu One-Shot H", {},
      dict(benchmark="split-mnist", tasks=5, model="lenet", output_size=100)),
     *[(f"output-size-{s}", f"Output-size ablation (paper Fig 6): LeNet, s={s}, PermutedMNIST 250 tasks, GNu One-Shot H",
