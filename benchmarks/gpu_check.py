@@ -70,9 +70,8 @@ def stage_tune(device: torch.device, tiny: bool) -> dict:
         ref_s = kernels.superpose(packed, alpha, 8 * R).cpu()
     reps = 3 if tiny else 10
     result = {"k": k, "row_bytes": R, "contract": [], "superpose": []}
-    contract_candidates = [("bits", t) for t in [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8), (128, 32, 8),
-                                                  (16, 64, 4)]]
-    contract_candidates += [("lut", t) for t in [(128, 32, 4), (256, 32, 8), (128, 64, 8), (64, 16, 4)]]
+    contract_candidates = [("bits", t) for t in [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8)]]
+    contract_candidates += [("lut", t) for t in [(128, 32, 4), (256, 32, 8), (128, 64, 8)]]
     if tiny:
         contract_candidates = [("bits", (16, 16, 4)), ("lut", (16, 16, 4))]
     best = None
@@ -106,7 +105,7 @@ def stage_tune(device: torch.device, tiny: bool) -> dict:
         result["contract_best"] = None if best is None else {"variant": best[0], "tile": list(best[1]), "ms": best[2]}
 
         best_s = None
-        superpose_tiles = [(16, 16, 4)] if tiny else [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8), (128, 32, 8)]
+        superpose_tiles = [(16, 16, 4)] if tiny else [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8)]
         for tile in superpose_tiles:
             tk.SUPERPOSE_TILE = tile
             entry = {"tile": list(tile)}

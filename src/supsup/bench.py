@@ -324,7 +324,7 @@ def _plan(device: torch.device, quick: bool) -> dict:
             return {"train_counts": (1, 16), "fc_ks": [10, 250], "lenet_ks": [10, 2500], "kernel_k": 2500,
                     "reps": 20, "precisions": ("fp32",)}
         return {"train_counts": (1, 250), "fc_ks": [10, 250, 2500], "lenet_ks": [10, 250, 2500, 10000, 100000],
-                "kernel_k": 2500, "reps": 50, "precisions": ("fp32", "tf32", "bf16")}
+                "kernel_k": 2500, "reps": 30, "precisions": ("fp32", "tf32", "bf16")}
     if quick:
         return {"train_counts": (1, 4), "fc_ks": [10, 50], "lenet_ks": [10, 250, 1000], "kernel_k": 250,
                 "reps": 7, "precisions": ("fp32",)}
