@@ -32,7 +32,7 @@ wait
 python3 - "$W" > "$OUT/accuracy_summary.json" <<'PY'
 import json, pathlib, sys
 out = {}
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*/*.json")):
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*/*.json")):  # results, eval-*, partial curves
     d = json.loads(f.read_text())
     out[f"{f.parent.name}/{f.name}"] = {k: v for k, v in d.items() if k not in ("config",)}
 print(json.dumps(out, indent=1))

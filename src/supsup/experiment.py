@@ -147,6 +147,9 @@ def run(config: RunConfig, out_dir: str | Path, data_root=None, progress: Progre
             figures = run_evaluation(model, stream, config, Progress())
             checkpoints.append({k: v for k, v in figures.items() if k != "tasks"})
             eval_seconds += time.perf_counter() - tick
+            # a run cut short still leaves its curve so far
+            (out_dir / "results.partial.json").write_text(json.dumps(
+                {"config": config.to_dict(), "schedule": checkpoints, "seconds": time.perf_counter() - started}))
             progress.on_stage(f"training {config.tasks} tasks", config.tasks * config.train.batches_per_task)
             progress.on_advance(model.num_tasks * config.train.batches_per_task)
     tick = time.perf_counter()
