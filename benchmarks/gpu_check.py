@@ -12,7 +12,9 @@ after every stage, so a timeout still leaves the finished stages in ``$OUT``):
    bit-expansion one on LeNet's first layer (k = 20,000), check each against the reference, keep the
    fastest for stage 3;
 3. ``bench``: ``supsup.bench.run_benchmarks`` on the GPU: training per task per batch (K = 1 and 250;
-   fp32, tf32, bf16), One-Shot latency for k = 10 … 100,000 (eager and CUDA-graphed), kernel rows.
+   fp32, tf32, bf16), One-Shot latency for k = 10 … 100,000 (eager and CUDA-graphed), kernel rows;
+4. ``layout`` (if time is left): batched training, K = 250, with the current bmm layout of
+   ``SupermaskLinear._stacked_forward`` and with the proposed weight-major one.
 
 Writes ``$OUT/gpu_check.json`` (everything) and ``$OUT/bench_gpu.json`` (the bench rows), prints a summary.
 
@@ -123,6 +125,30 @@ def stage_tune(device: torch.device, tiny: bool) -> dict:
     return result
 
 
+def stage_layout(device: torch.device, tiny: bool) -> dict:
+    """Batched training with the proposed weight-major bmm layout of ``SupermaskLinear._stacked_forward``
+    (y = (W_k x_kᵀ)ᵀ, so the weight gradient comes out contiguous), against the current layout."""
+    from supsup.bench import bench_training
+    from supsup.layers import SupermaskLinear
+
+    counts = (2,) if tiny else (250,)
+    current = bench_training(device, counts=counts, reps=3 if tiny else 15, precision="fp32")
+    original = SupermaskLinear._stacked_forward
+
+    def weight_major(self, x, weights):
+        self._check_input(x)
+        k = weights.shape[0]
+        xs = x.reshape(k, x.shape[0] // k, -1)
+        return torch.bmm(weights, xs.transpose(1, 2)).transpose(1, 2).reshape(x.shape[0], -1)
+
+    SupermaskLinear._stacked_forward = weight_major
+    try:
+        proposed = bench_training(device, counts=counts, reps=3 if tiny else 15, precision="fp32")
+    finally:
+        SupermaskLinear._stacked_forward = original
+    return {"current": current, "weight_major_bmm": proposed}
+
+
 def run_tune_child(args, out: Path) -> dict:
     """The tuning in a child process: a Triton compiler crash there costs the tuning, not the run."""
     cmd = [sys.executable, __file__, "--tune-only", "--device", args.device, "--out", str(out)] + \
@@ -182,6 +208,12 @@ def summarize(report: dict) -> list[str]:
                          f"({row['packed_gb_per_s']:.0f} GB/s of packed bits)")
     if report.get("bench", {}).get("meta", {}).get("triton_failure"):
         lines.append("triton switched off during the bench: " + report["bench"]["meta"]["triton_failure"][:300])
+    layout = report.get("layout", {})
+    if "current" in layout:
+        for name in ("current", "weight_major_bmm"):
+            for row in layout[name]:
+                lines.append(f"layout {name}: K={row['tasks_at_once']} {row['ms_per_task_batch']:.4f} ms/task/batch "
+                             f"({row['ratio_vs_dense']:.2f}x dense)")
     if "error" in report.get("bench", {}):
         lines.append("bench error: " + report["bench"]["error"][-500:])
     return lines
@@ -233,6 +265,8 @@ def main() -> int:
         plan = {"train_counts": (1, 2), "fc_ks": [10], "lenet_ks": [10, 50], "kernel_k": 50, "reps": 3,
                 "precisions": ("fp32", "bf16")}
     guarded("bench", lambda: run_benchmarks(device, quick=False, json_path=out / "bench_gpu.json", plan=plan))
+    if elapsed() < 220:
+        guarded("layout", lambda: stage_layout(device, args.tiny))
     print("\n".join(summarize(report)), flush=True)
     save()
     return 0 if report.get("tests", {}).get("passed", True) and "error" not in report.get("bench", {}) else 1
