@@ -16,7 +16,8 @@ after every stage, so a timeout still leaves the finished stages in ``$OUT``):
 4. ``layout`` (if time is left): batched training, K = 250, with the current bmm layout of
    ``SupermaskLinear._stacked_forward`` and with the proposed weight-major one.
 
-Writes ``$OUT/gpu_check.json`` (everything) and ``$OUT/bench_gpu.json`` (the bench rows), prints a summary.
+Writes ``$OUT/gpu_check.json`` (everything), ``$OUT/bench_gpu.json`` (the bench rows) and ``$OUT/bench_gpu.md``
+(the same rows as a Markdown table for BENCHMARKS.md), and prints a summary.
 
 Dry run on a CPU with tiny sizes (the Triton kernels through Triton's interpreter, if installed):
 
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from supsup import kernels
-from supsup.bench import run_benchmarks, time_ms
+from supsup.bench import markdown_table, run_benchmarks, time_ms
 
 START = time.perf_counter()
 
@@ -267,6 +268,8 @@ def main() -> int:
     guarded("bench", lambda: run_benchmarks(device, quick=False, json_path=out / "bench_gpu.json", plan=plan))
     if elapsed() < 220:
         guarded("layout", lambda: stage_layout(device, args.tiny))
+    if report.get("bench", {}).get("rows"):
+        (out / "bench_gpu.md").write_text(markdown_table(report["bench"]) + "\n")
     print("\n".join(summarize(report)), flush=True)
     save()
     return 0 if report.get("tests", {}).get("passed", True) and "error" not in report.get("bench", {}) else 1

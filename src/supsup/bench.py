@@ -423,3 +423,34 @@ def print_table(results: dict, console=None) -> None:
                           f"{row['ms']:.3f} ms", "", "", f"{row['packed_gb_per_s']:.1f} GB/s of bits", "")
     console.print(table)
     console.print(f"{meta.get('seconds', 0)} s; load average {meta.get('load_average')} -> {meta.get('load_average_end')}")
+
+
+def markdown_table(results: dict) -> str:
+    """The rows of a results dict (or of a saved JSON) as a Markdown table, for BENCHMARKS.md."""
+    device_type = results["meta"]["device"].split(":")[0]
+    lines = ["| figure | setting | measured | dense, same run | ratio | memory | goal |", "|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['figure']} | {row.get('part') or row.get('model')} {row.get('k', '')} | "
+                         f"error: {row['error'][:80]} | | | | |")
+        elif row["figure"] == "train":
+            lines.append(f"| train, per task per batch | {row['model']} K={row['tasks_at_once']} {row['precision']} | "
+                         f"{row['ms_per_task_batch']:.3f} ms | {row['dense_fwd_bwd_ms']:.3f} ms (with optimiser step: "
+                         f"{row['dense_step_ms']:.3f}) | {row['ratio_vs_dense']:.2f}x ({row['ratio_vs_dense_step']:.2f}x)"
+                         f" | peak {_mb(row['peak_bytes'])} | {_goal(row, device_type)} |")
+        elif row["figure"] == "oneshot":
+            graphed = f" (CUDA graph: {row['graphed_ms']:.3f} ms)" if "graphed_ms" in row else ""
+            lines.append(f"| One-Shot, one image | {row['model']} k={row['k']:,} | {row['ms']:.3f} ms{graphed} | "
+                         f"{row['dense_fwd_bwd_ms']:.3f} ms | {row['ratio_vs_dense']:.1f}x | masks {_mb(row['mask_bytes'])}"
+                         f" ({row['bytes_per_task']:,} B/task; float32: {row['float32_bytes_per_task']:,}) | "
+                         f"{_goal(row, device_type)} |")
+        else:
+            lines.append(f"| kernel {row['op']} | {row['backend']}, k={row['k']:,}, P={row['num_bits']:,} | "
+                         f"{row['ms']:.3f} ms | | | {row['packed_gb_per_s']:.1f} GB/s of packed bits | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m supsup.bench RESULTS.json  ->  Markdown rows
+    import sys
+
+    print(markdown_table(json.loads(Path(sys.argv[1]).read_text())))
