@@ -18,7 +18,6 @@ typedef struct {
     const uint8_t *packed;
     int64_t k, R, n;
     const float *vec;   /* contract: g [n, 8R]; superpose: alpha [n, k]; unpack: weight [8R] or NULL */
-    const uint8_t *live; /* contract: [n, ceil(R/8)] nonzero flags of g per 64 weights, or NULL */
     float *out;         /* contract: partial [threads, n, k]; superpose: [n, 8R]; unpack: [k, 8R] */
     int64_t first, last; /* block range [first, last) of this thread */
     int64_t rows0, rows1; /* unpack only: row range of this thread */
@@ -27,13 +26,14 @@ typedef struct {
 static inline uint16_t load16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
 /* sum_j bits(row[j]) . g[8j .. 8j+8) over bytes [j0, j1), j0 a multiple of 8. Groups of 8 bytes
- * (64 weights) whose g is all zero are skipped when live[] is given (e.g. the rows of dead ReLUs). */
+ * (64 weights) whose g is all zero are skipped when live[] is given (live[(j - j0) / 8], e.g. the rows
+ * of dead ReLUs). */
 static inline float dot_bits(const uint8_t *row, const float *g, const uint8_t *live, int64_t j0, int64_t j1) {
 #ifdef __AVX512F__
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int64_t j = j0;
     for (; j + 8 <= j1; j += 8) {
-        if (live && !live[j >> 3]) continue;
+        if (live && !live[(j - j0) >> 3]) continue;
         a0 = _mm512_mask_add_ps(a0, (__mmask16)load16(row + j), a0, _mm512_loadu_ps(g + 8 * j));
         a1 = _mm512_mask_add_ps(a1, (__mmask16)load16(row + j + 2), a1, _mm512_loadu_ps(g + 8 * j + 16));
         a0 = _mm512_mask_add_ps(a0, (__mmask16)load16(row + j + 4), a0, _mm512_loadu_ps(g + 8 * j + 32));
@@ -47,7 +47,7 @@ static inline float dot_bits(const uint8_t *row, const float *g, const uint8_t *
 #else
     float acc[8] = {0};
     for (int64_t j = j0; j < j1; ++j) {
-        if (live && !live[j >> 3]) { j |= 7; continue; }
+        if (live && !live[(j - j0) >> 3]) { j |= 7; continue; }
         const unsigned v = row[j];
         for (int b = 0; b < 8; ++b) acc[b] += (v >> b & 1u) ? g[8 * j + b] : 0.0f;
     }
@@ -57,18 +57,34 @@ static inline float dot_bits(const uint8_t *row, const float *g, const uint8_t *
 #endif
 }
 
+/* 1 if any of g[0 .. count) is nonzero (NaN counts as nonzero, so it propagates) */
+static inline uint8_t any_nonzero(const float *g, int64_t count) {
+    int64_t e = 0;
+#ifdef __AVX512F__
+    const __m512 zero = _mm512_setzero_ps();
+    for (; e + 16 <= count; e += 16)
+        if (_mm512_cmp_ps_mask(_mm512_loadu_ps(g + e), zero, _CMP_NEQ_UQ)) return 1;
+#endif
+    for (; e < count; ++e)
+        if (g[e] != 0.0f) return 1;
+    return 0;
+}
+
 static void *contract_job(void *arg) {
     job_t *J = (job_t *)arg;
+    uint8_t live[BLK / 8];
     for (int64_t blk = J->first; blk < J->last; ++blk) {
         const int64_t j0 = blk * BLK, j1 = j0 + BLK < J->R ? j0 + BLK : J->R;
         for (int64_t r = 0; r < J->n; ++r) {
             const float *g = J->vec + r * 8 * J->R;
-            const uint8_t *live = J->live ? J->live + r * ((J->R + 7) / 8) : NULL;
-            if (live) { /* the whole block zero: nothing to add */
-                int any = 0;
-                for (int64_t q = j0 >> 3; q < (j1 + 7) >> 3; ++q) any |= live[q];
-                if (!any) continue;
+            /* skip stretches of 64 weights where g is exactly zero (rows of dead ReLUs): exact */
+            int any = 0;
+            for (int64_t q = 0; q * 8 < j1 - j0; ++q) {
+                const int64_t first = 8 * (j0 + 8 * q), count = 8 * (j1 - j0) - 64 * q;
+                live[q] = any_nonzero(g + first, count < 64 ? count : 64);
+                any |= live[q];
             }
+            if (!any) continue;
             float *o = J->out + r * J->k;
             for (int64_t t = 0; t < J->k; ++t) o[t] += dot_bits(J->packed + t * J->R, g, live, j0, j1);
         }
@@ -151,17 +167,15 @@ static int clamp_threads(int threads, int64_t units) {
     return threads;
 }
 
-/* out [n, k] = g [n, 8R] contracted with the bits of packed [k, R]; live: NULL or [n, ceil(R/8)] flags
- * (0 = these 64 entries of g are all zero). Returns 0, or -1 on allocation failure. */
-int ss_contract(const uint8_t *packed, int64_t k, int64_t R, const float *g, const uint8_t *live, int64_t n,
-                float *out, int threads) {
+/* out [n, k] = g [n, 8R] contracted with the bits of packed [k, R]. Returns 0, or -1 on allocation failure. */
+int ss_contract(const uint8_t *packed, int64_t k, int64_t R, const float *g, int64_t n, float *out, int threads) {
     const int64_t blocks = (R + BLK - 1) / BLK;
     threads = clamp_threads(threads, blocks);
     float *partial = (float *)calloc((size_t)threads * n * k, sizeof(float));
     if (!partial) return -1;
     job_t jobs[64];
     for (int i = 0; i < threads; ++i) {
-        job_t J = {packed, k, R, n, g, live, partial + (size_t)i * n * k, blocks * i / threads,
+        job_t J = {packed, k, R, n, g, partial + (size_t)i * n * k, blocks * i / threads,
                    blocks * (i + 1) / threads, 0, 0};
         jobs[i] = J;
     }
@@ -181,7 +195,7 @@ int ss_superpose(const uint8_t *packed, int64_t k, int64_t R, const float *alpha
     threads = clamp_threads(threads, blocks);
     job_t jobs[64];
     for (int i = 0; i < threads; ++i) {
-        job_t J = {packed, k, R, n, alpha, NULL, out, blocks * i / threads, blocks * (i + 1) / threads, 0, 0};
+        job_t J = {packed, k, R, n, alpha, out, blocks * i / threads, blocks * (i + 1) / threads, 0, 0};
         jobs[i] = J;
     }
     run_jobs(superpose_job, jobs, threads);
@@ -193,7 +207,7 @@ int ss_unpack(const uint8_t *packed, int64_t k, int64_t R, int64_t P, const floa
     threads = clamp_threads(threads, k);
     job_t jobs[64];
     for (int i = 0; i < threads; ++i) {
-        job_t J = {packed, k, R, P, weight, NULL, out, 0, 0, k * i / threads, k * (i + 1) / threads};
+        job_t J = {packed, k, R, P, weight, out, 0, 0, k * i / threads, k * (i + 1) / threads};
         jobs[i] = J;
     }
     run_jobs(unpack_job, jobs, threads);

@@ -61,7 +61,7 @@ def _build() -> ctypes.CDLL:
             os.replace(built, target)  # atomic: concurrent builders all end with a complete file
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for name, args in (("ss_contract", [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]),
+    for name, args in (("ss_contract", [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
                        ("ss_superpose", [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
                        ("ss_unpack", [ptr, i64, i64, i64, ptr, ptr, ctypes.c_int])):
         fn = getattr(lib, name)
@@ -96,8 +96,8 @@ def why_unavailable() -> str | None:
     return _error
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+def _threads(work_bytes: int) -> int:
+    return 1 if work_bytes < THREADS_FROM_BYTES else max(1, torch.get_num_threads())
 
 
 def _padded(vec: torch.Tensor, length: int) -> torch.Tensor:
@@ -114,9 +114,9 @@ def _check(packed: torch.Tensor) -> None:
                          f"{packed.dtype} on {packed.device}")
 
 
-#: From this many masks on, ``contract`` skips stretches of 64 weights where g is zero (dead ReLU rows,
-#: zero pixels): exact, and the flags cost one pass over g.
-SKIP_ZEROS_FROM_K = 16
+#: Work (packed bytes × right-hand sides) below which one thread does it all: starting and joining
+#: threads costs tens of µs, and on a busy machine a second thread may wait a whole time slice.
+THREADS_FROM_BYTES = 1 << 21
 
 
 def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -125,12 +125,9 @@ def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     packed = packed.contiguous()
     k, R = packed.shape
     gp = _padded(g, 8 * R)
-    live = None
-    if k >= SKIP_ZEROS_FROM_K:  # one pass over g buys skipping its all-zero stretches in k passes
-        live = _padded(gp, 64 * ((R + 7) // 8)).view(g.shape[0], -1, 64).ne(0).any(-1).to(torch.uint8).contiguous()
     out = torch.empty(g.shape[0], k, dtype=torch.float32)
-    if k and library().ss_contract(packed.data_ptr(), k, R, gp.data_ptr(), None if live is None else live.data_ptr(),
-                                   g.shape[0], out.data_ptr(), _threads()):
+    if k and library().ss_contract(packed.data_ptr(), k, R, gp.data_ptr(), g.shape[0], out.data_ptr(),
+                                   _threads(k * R * g.shape[0])):
         raise MemoryError("ss_contract could not allocate its partial sums")
     return out
 
@@ -143,7 +140,8 @@ def superpose(packed: torch.Tensor, alpha: torch.Tensor, num_bits: int) -> torch
     alpha = alpha.to(torch.float32).contiguous()
     out = torch.zeros(alpha.shape[0], 8 * R, dtype=torch.float32)
     if k:
-        library().ss_superpose(packed.data_ptr(), k, R, alpha.data_ptr(), alpha.shape[0], out.data_ptr(), _threads())
+        library().ss_superpose(packed.data_ptr(), k, R, alpha.data_ptr(), alpha.shape[0], out.data_ptr(),
+                               _threads(k * R * alpha.shape[0]))
     return out[:, :num_bits]
 
 
@@ -156,5 +154,5 @@ def unpack(packed: torch.Tensor, num_bits: int, weight: torch.Tensor | None = No
     out = torch.empty(k, num_bits, dtype=torch.float32)
     if k:
         library().ss_unpack(packed.data_ptr(), k, R, num_bits, None if w is None else w.data_ptr(), out.data_ptr(),
-                            _threads())
+                            _threads(4 * k * num_bits))
     return out
