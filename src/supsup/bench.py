@@ -423,6 +423,11 @@ def print_table(results: dict, console=None) -> None:
                           f"{row['ms']:.3f} ms", "", "", f"{row['packed_gb_per_s']:.1f} GB/s of bits", "")
     console.print(table)
     console.print(f"{meta.get('seconds', 0)} s; load average {meta.get('load_average')} -> {meta.get('load_average_end')}")
+    load, cores = (meta.get("load_average") or [0])[0], meta.get("cpu_count") or 1
+    if device_type == "cpu" and meta["threads"] > 1 and load > cores - 0.5:
+        console.print(f"[yellow]the machine is busy (load {load:.1f} on {cores} cores): torch ops with more than one "
+                      "thread can stall a whole time slice waiting for their second thread, so these figures are "
+                      "not reliable; --threads 1 measures the code, not the contention.")
 
 
 def markdown_table(results: dict) -> str:
