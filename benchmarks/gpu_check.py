@@ -1,6 +1,6 @@
 """The one GPU run of issue 4: Triton kernels against the CPU reference, then the GPU benchmark rows.
 
-On the GPU machine, from the repository root (nothing to install; about 3 minutes):
+On the GPU machine, from the repository root (nothing to install; at most ``--budget-s`` = 215 s):
 
     PYTHONPATH=src python3 benchmarks/gpu_check.py --out "$OUT"
 
@@ -150,16 +150,16 @@ def stage_layout(device: torch.device, tiny: bool) -> dict:
     return {"current": current, "weight_major_bmm": proposed}
 
 
-def run_tune_child(args, out: Path) -> dict:
+def run_tune_child(args, out: Path, timeout: float) -> dict:
     """The tuning in a child process: a Triton compiler crash there costs the tuning, not the run."""
     cmd = [sys.executable, __file__, "--tune-only", "--device", args.device, "--out", str(out)] + \
         (["--tiny"] if args.tiny else [])
     env = {**os.environ, "PYTHONPATH": "src" + os.pathsep + os.environ.get("PYTHONPATH", "")}
     (out / "tune.json").unlink(missing_ok=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"error": "tuning timed out after 120 s; default tiles kept"}
+        return {"error": f"tuning timed out after {timeout:.0f} s; default tiles kept"}
     if proc.returncode != 0 or not (out / "tune.json").exists():
         return {"error": f"tuning exited with {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}"}
     return json.loads((out / "tune.json").read_text())
@@ -226,6 +226,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (a dry run of the script itself)")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=215.0,
+                        help="finish within this many seconds (gpu_session.sh kills it at 230)")
     parser.add_argument("--tune-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
@@ -253,20 +255,25 @@ def main() -> int:
         print(f"[{elapsed():6.1f} s] {name} done in {report[name + '_seconds']} s", flush=True)
         save()
 
+    def left() -> float:
+        return args.budget_s - elapsed()
+
     if not args.skip_tests:
-        guarded("tests", lambda: stage_tests(device, timeout=60 if args.tiny else 150))
+        guarded("tests", lambda: stage_tests(device, timeout=max(20.0, min(75.0, left() - 130))))
     if args.tune_only:  # the child process of the "tune" stage
         (out / "tune.json").write_text(json.dumps(stage_tune(device, args.tiny), indent=2))
         return 0
     if kernels.triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        guarded("tune", lambda: run_tune_child(args, out))
+        guarded("tune", lambda: run_tune_child(args, out, timeout=max(20.0, min(70.0, left() - 100))))
         apply_tuning(report.get("tune", {}))
     plan = None
     if args.tiny:
         plan = {"train_counts": (1, 2), "fc_ks": [10], "lenet_ks": [10, 50], "kernel_k": 50, "reps": 3,
                 "precisions": ("fp32", "bf16")}
-    guarded("bench", lambda: run_benchmarks(device, quick=False, json_path=out / "bench_gpu.json", plan=plan))
-    if elapsed() < 220:
+    bench_deadline = START + args.budget_s - 45  # leave time for the summary and the layout stage
+    guarded("bench", lambda: run_benchmarks(device, quick=False, json_path=out / "bench_gpu.json", plan=plan,
+                                            deadline=bench_deadline))
+    if left() > 30:
         guarded("layout", lambda: stage_layout(device, args.tiny))
     if report.get("bench", {}).get("rows"):
         (out / "bench_gpu.md").write_text(markdown_table(report["bench"]) + "\n")

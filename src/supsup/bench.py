@@ -333,12 +333,15 @@ def _plan(device: torch.device, quick: bool) -> dict:
 
 
 def run_benchmarks(device: str | torch.device = "cpu", quick: bool = False, json_path: str | Path | None = None,
-                   *, plan: dict | None = None, console=None, retain_memory: bool = True) -> dict:
+                   *, plan: dict | None = None, console=None, retain_memory: bool = True,
+                   deadline: float | None = None) -> dict:
     """Run every benchmark on ``device``, print a table and (if ``json_path``) write JSON; returns the results.
 
     ``quick`` takes well under a minute on 2 CPU cores; ``plan`` overrides the sizes (keys of ``_plan``).
     ``retain_memory`` applies ``kernels.retain_freed_memory()`` first (CPU; the dense references run
-    under the same allocator, and ``meta.retained_freed_memory`` records it)."""
+    under the same allocator, and ``meta.retained_freed_memory`` records it). ``deadline`` (a
+    ``time.perf_counter()`` value): parts not started by then are skipped and say so. The JSON is
+    rewritten after every part."""
     device = torch.device(device)
     retained = kernels.retain_freed_memory() if retain_memory and device.type == "cpu" else False
     if device.type == "cuda" and device.index is None:
@@ -349,15 +352,24 @@ def run_benchmarks(device: str | torch.device = "cpu", quick: bool = False, json
                "rows": []}
     started = time.perf_counter()
     reps = settings["reps"]
-    parts: list[tuple[str, Callable[[], list[dict]]]] = [
-        (f"train {precision}", lambda p=precision: bench_training(device, counts=tuple(settings["train_counts"]),
-                                                                  reps=reps, precision=p))
-        for precision in settings["precisions"]]
-    parts += [(f"oneshot {name}", lambda n=name, ks=ks: bench_oneshot(device, n, settings[ks], reps=reps,
-                                                                      graphs=device.type == "cuda"))
-              for name, ks in (("fc1024", "fc_ks"), ("lenet", "lenet_ks"))]
+    graphs = device.type == "cuda"
+    precisions = list(settings["precisions"])
+    parts: list[tuple[str, Callable[[], list[dict]]]] = []
+    if precisions:
+        parts.append((f"train {precisions[0]}", lambda: bench_training(
+            device, counts=tuple(settings["train_counts"]), reps=reps, precision=precisions[0])))
+    parts += [(f"oneshot lenet k={k}", lambda k=k: bench_oneshot(device, "lenet", [k], reps=reps, graphs=graphs))
+              for k in settings["lenet_ks"]]
+    parts += [(f"oneshot fc1024 k={k}", lambda k=k: bench_oneshot(device, "fc1024", [k], reps=reps, graphs=graphs))
+              for k in settings["fc_ks"]]
+    parts += [(f"train {p}", lambda p=p: bench_training(device, counts=tuple(settings["train_counts"]), reps=reps,
+                                                         precision=p))
+              for p in precisions[1:]]
     parts.append(("kernels", lambda: bench_kernels(device, k=settings["kernel_k"], reps=reps)))
     for what, part in parts:
+        if deadline is not None and time.perf_counter() > deadline:
+            results["rows"].append({"figure": "error", "part": what, "error": "skipped: out of time"})
+            continue
         try:
             results["rows"] += part()
         except Exception as exc:  # one failing part (e.g. out of memory) must not lose the others
@@ -365,6 +377,9 @@ def run_benchmarks(device: str | torch.device = "cpu", quick: bool = False, json
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if json_path is not None:  # after every part: a run killed later keeps what it measured
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps(results, indent=2))
     if kernels.triton_failure:
         results["meta"]["triton_failure"] = kernels.triton_failure
     results["meta"]["seconds"] = round(time.perf_counter() - started, 1)
