@@ -20,6 +20,7 @@ from supsup.checkpoint import load_checkpoint, save_checkpoint
 from supsup.data.idx import load_mnist
 from supsup.data.streams import STREAMS, TaskStream
 from supsup.evaluation import Evaluation, evaluate, evaluate_mixed
+from supsup.kernels import retain_freed_memory
 from supsup.learners import train_task_group
 from supsup.model import SupermaskModel
 from supsup.presets import RunConfig
@@ -126,6 +127,7 @@ def run(config: RunConfig, out_dir: str | Path, data_root=None, progress: Progre
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
+    retain_freed_memory()  # training re-allocates the same large tensors every step
     started = time.perf_counter()
     stream = make_stream(config, data_root)
     model = make_model(config, stream)

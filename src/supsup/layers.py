@@ -284,7 +284,8 @@ class SupermaskLinear(SupermaskLayer):
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} cannot be split into {k} equal task chunks")
         xs = x.reshape(k, x.shape[0] // k, -1)
-        return torch.bmm(xs, weights.transpose(1, 2)).reshape(x.shape[0], -1)
+        # [K, out, in] @ [K, in, b]: keeps the weight gradient contiguous (no per-step copies)
+        return torch.bmm(weights, xs.transpose(1, 2)).transpose(1, 2).reshape(x.shape[0], -1)
 
     def _multi_forward(self, x, weights):
         self._check_input(x)
