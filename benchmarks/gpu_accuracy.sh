@@ -13,8 +13,9 @@ E="python3 -m supsup eval --device $DEVICE"
 if [ "${TINY:-0}" = 1 ]; then
   S5="--tasks 2 --batches-per-task 3"; S20="--tasks 3 --batches-per-task 3"; S50="--tasks 3 --batches-per-task 3"
   S250="--tasks 4 --batches-per-task 3"; SROT="--tasks 3 --batches-per-task 3"; S2500="--tasks 4 --batches-per-task 2"
+  SNNS="--tasks 2 --batches-per-task 100"
 else
-  S5="--tasks 5"; S20="--tasks 20"; S50="--tasks 50"; S250=""; SROT=""; S2500="--tasks-at-once 50"
+  S5="--tasks 5"; S20="--tasks 20"; S50="--tasks 50"; S250=""; SROT=""; S2500="--tasks-at-once 50"; SNNS="--tasks 100"
 fi
 python3 -m supsup fetch || exit 1  # verify (and decompress) MNIST once before the parallel jobs
 job() {  # name, then the commands of one job (run in sequence, logged to $W/name.log)
@@ -33,6 +34,7 @@ job rot36    "$R rotated-mnist $SROT --out $W/rot36"
 job fc250    "$R permuted-mnist $S250 --tasks-at-once 10 --out $W/fc250" "$E $W/fc250 --objective g"
 job lenet250 "$R permuted-mnist-lenet $S250 --tasks-at-once 10 --out $W/lenet250" "$E $W/lenet250 --objective g"
 job lenet2500 "$R permuted-mnist-2500 $S2500 --out $W/lenet2500"
+job nns100   "$R nns-permuted-mnist $SNNS --out $W/nns100"
 wait
 # one small summary file: every results/eval JSON without the per-task lists
 python3 - "$W" > "$OUT/accuracy_summary.json" <<'PY'
