@@ -72,7 +72,7 @@ _TABLE = [
     ("permuted-mnist-2500", "PermutedMNIST 2500 tasks, LeNet 300-100, s=500, GNu One-Shot H (paper Fig 4)",
      dict(tasks=20), dict(tasks=2500, model="lenet", output_size=500, eval_at=_SCHEDULE_2500)),
     ("rotated-mnist", "RotatedMNIST 36 tasks (10° apart), FC 1024-1024, s=200, GNu Binary H on the full batch "
-     "of 128 (paper Fig 5 left)", dict(train=TrainConfig(batches_per_task=200)),
+     "of 128 (paper Fig 5 left)", dict(train=TrainConfig(batches_per_task=200), eval_at=[]),
      dict(benchmark="rotated-mnist", tasks=36, model="fc1024", output_size=200, eval_at=_ROTATED_SCHEDULE,
           inference=Inference(method="binary", granularity="batch"))),
     ("nns-permuted-mnist", "Scenario NNs: PermutedMNIST 2500 hidden tasks of 1000 batches, no task ids in training "
