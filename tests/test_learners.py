@@ -56,3 +56,15 @@ def test_only_the_current_tasks_scores_are_optimised(trained):
     opt = make_optimizer(model.score_parameters(), TrainConfig())
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_weights()
     model.end_tasks()
+
+
+def test_mixed_stream_per_sample_inference_routes_each_sample(trained):
+    from supsup.evaluation import evaluate_mixed
+
+    model, stream = trained
+    mixed = evaluate_mixed(model, stream, Inference(granularity="sample"), per_task=200, seed=3)
+    assert mixed.samples == 600
+    assert mixed.task_inference_accuracy >= 0.95
+    assert mixed.accuracy_given - 0.03 <= mixed.accuracy_inferred <= mixed.accuracy_given
+    with pytest.raises(ValueError, match="per-sample"):
+        evaluate_mixed(model, stream, Inference(granularity="image"))

@@ -199,6 +199,9 @@ def eval_run(
     objective: Annotated[Optional[Objective], typer.Option()] = None,
     granularity: Annotated[Optional[Granularity], typer.Option()] = None,
     steps: Annotated[Optional[int], typer.Option()] = None,
+    mixed_per_task: Annotated[Optional[int], typer.Option(
+        help="With --granularity sample: test samples per task in the mixed stream (default all); "
+             "per-task figures are then the task-given accuracies only.")] = None,
     device: Device = None,
     data_root: DataRoot = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the JSON (default RUN_DIR/eval-*.json).")] = None,
@@ -209,7 +212,7 @@ def eval_run(
         raise typer.BadParameter(f"{results_file} not found: is {run_dir} a run directory?")
     config = RunConfig.from_dict(json.loads(results_file.read_text())["config"])
     config = _apply_overrides(config, scenario=scenario, method=inference, objective=objective,
-                              granularity=granularity, steps=steps, device=device)
+                              granularity=granularity, steps=steps, device=device, mixed_per_task=mixed_per_task)
     from supsup.experiment import Progress as Callbacks, reevaluate
 
     with _progress() as progress:

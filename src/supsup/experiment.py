@@ -63,15 +63,17 @@ def run_evaluation(model: SupermaskModel, stream: TaskStream, config: RunConfig,
     how = config.inference
     k = model.num_tasks
     progress.on_stage(f"evaluating {k} tasks ({config.scenario})", k)
-    # with per-sample granularity, per-task figures infer every sample within its own task's test set
-    evaluation = evaluate(model, stream, config.scenario, how, seed=config.seed,
+    # With per-sample granularity, per-task figures infer every sample within its own task's test set,
+    # unless the mixed stream is subsampled (``mixed_per_task``): then per task only the task-given accuracy.
+    mixed_only = how.granularity == "sample" and config.mixed_per_task is not None
+    evaluation = evaluate(model, stream, "GG" if mixed_only else config.scenario, how, seed=config.seed,
                           on_task=lambda r: progress.on_advance(1))
     out = {"tasks": [r.as_dict() for r in evaluation.tasks], **evaluation_summary(k, evaluation)}
     if how.granularity == "sample" and config.scenario != "GG":
-        total = sum(stream.size(t, "test") for t in range(k))
+        total = sum(min(stream.size(t, "test"), config.mixed_per_task or 1 << 62) for t in range(k))
         progress.on_stage(f"mixed stream of {k} tasks, per-sample inference", total)
-        out["mixed_stream"] = evaluate_mixed(model, stream, how, config.scenario, seed=config.seed,
-                                             on_batch=progress.on_advance).as_dict()
+        out["mixed_stream"] = evaluate_mixed(model, stream, how, config.scenario, per_task=config.mixed_per_task,
+                                             seed=config.seed, on_batch=progress.on_advance).as_dict()
     return out
 
 

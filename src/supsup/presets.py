@@ -26,6 +26,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: Inference = field(default_factory=Inference)
     eval_at: list[int] = field(default_factory=list)  # task counts at which to evaluate (the end always)
+    mixed_per_task: int | None = None  # granularity 'sample': test samples per task in the mixed stream (None: all)
     seed: int = 1
     device: str = "cpu"
     description: str = ""
