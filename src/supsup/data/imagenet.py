@@ -137,17 +137,8 @@ class SplitImageNet(TaskStream):
         return self._load(task, split, idx, self.eval_transform)
 
     def train_batches(self, task, batch_size, num_batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = self.size(task, "train")
-        if batch_size > n:
-            raise ValueError(f"batch size {batch_size} exceeds the {n} training samples of task {task}")
-        order_gen, augment_gen = generator(self.seed, "batches", self.name, task), generator(self.seed, "augment",
-                                                                                           self.name, task)
-        order, pos = None, n
-        for _ in range(num_batches):
-            if pos + batch_size > n:
-                order, pos = torch.randperm(n, generator=order_gen), 0
-            idx = order[pos : pos + batch_size]
-            pos += batch_size
+        augment_gen = generator(self.seed, "augment", self.name, task)
+        for idx in self.batch_indices(task, batch_size, num_batches, device="cpu"):
             yield self._load(task, "train", idx, lambda im: self.train_transform(im, augment_gen))
 
     def test_set(self, task):

@@ -50,17 +50,24 @@ class TaskStream:
         n = self.size(task, "test")
         return self.batch(task, "test", torch.arange(n, device=self.device))
 
-    def train_batches(self, task: int, batch_size: int, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``num_batches`` shuffled batches (epochs of a seeded permutation, last partial batch dropped)."""
+    def batch_indices(self, task: int, batch_size: int, num_batches: int,
+                      device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+        """``num_batches`` index batches ``[batch_size]`` into the task's training split: epochs of a
+        permutation seeded by (seed, stream, task), the last partial batch of an epoch dropped."""
         n = self.size(task, "train")
         if batch_size > n:
             raise ValueError(f"batch size {batch_size} exceeds the {n} training samples of task {task}")
         gen, order, pos = generator(self.seed, "batches", self.name, task), None, n
         for _ in range(num_batches):
             if pos + batch_size > n:
-                order, pos = torch.randperm(n, generator=gen).to(self.device), 0
-            yield self.batch(task, "train", order[pos : pos + batch_size])
+                order, pos = torch.randperm(n, generator=gen).to(device or self.device), 0
+            yield order[pos : pos + batch_size]
             pos += batch_size
+
+    def train_batches(self, task: int, batch_size: int, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``num_batches`` shuffled training batches ``(x, y)`` (see ``batch_indices``)."""
+        for idx in self.batch_indices(task, batch_size, num_batches):
+            yield self.batch(task, "train", idx)
 
 
 class PermutedMNIST(TaskStream):

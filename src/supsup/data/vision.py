@@ -114,17 +114,8 @@ class SplitClassStream(TaskStream):
     def train_batches(self, task, batch_size, num_batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled training batches (epochs of a seeded permutation) with the stream's augmentation —
         crop after zero padding in pixel space, as torchvision pads before normalising — seeded per task."""
-        n = self.size(task, "train")
-        if batch_size > n:
-            raise ValueError(f"batch size {batch_size} exceeds the {n} training samples of task {task}")
-        order_gen, augment_gen = generator(self.seed, "batches", self.name, task), generator(self.seed, "augment",
-                                                                                           self.name, task)
-        order, pos = None, n
-        for _ in range(num_batches):
-            if pos + batch_size > n:
-                order, pos = torch.randperm(n, generator=order_gen).to(self.device), 0
-            idx = order[pos : pos + batch_size]
-            pos += batch_size
+        augment_gen = generator(self.seed, "augment", self.name, task)
+        for idx in self.batch_indices(task, batch_size, num_batches):
             x = self.pixels(task, "train", idx)
             if self.crop_padding or self.flip:
                 x = random_crop_flip(x, self.crop_padding, augment_gen, self.flip)
