@@ -54,3 +54,15 @@ def test_psp_contexts_are_orthogonal_and_weights_stored_once():
     masked = sum(p.numel() for n, p in _net().named_parameters() if not n.split(".")[-2].startswith("bn")
                  and p.dim() > 1)
     assert r.bytes_stored == masked * 4 and len(r.at_end) == 2
+
+
+def test_psp_linear_mixes_the_input_exactly_as_the_weight_would():
+    from torch import nn
+
+    from supsup.baselines.task_conditioned import PSPLayer
+
+    layer = PSPLayer(nn.Linear(6, 4, bias=False), seed=3)
+    layer.task = 2
+    x = torch.randn(5, 6)
+    expected = torch.nn.functional.linear(x, layer.layer.weight @ layer.context(2))
+    assert torch.allclose(layer(x), expected, atol=1e-6)

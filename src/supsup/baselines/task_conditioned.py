@@ -86,9 +86,10 @@ class PSPLayer(nn.Module):
         return self._context[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.layer.weight
-        mixed = torch.einsum("oi...,ij->oj...", w, self.context(self.task))  # W C_t
-        return _apply(self.layer, x, mixed)
+        w, context = self.layer.weight, self.context(self.task)
+        if isinstance(self.layer, nn.Linear):  # W (C_t x): B·c_in² work instead of c_out·c_in² for W C_t
+            return _apply(self.layer, torch.nn.functional.linear(x, context), w)
+        return _apply(self.layer, x, torch.einsum("oi...,ij->oj...", w, context))  # W C_t
 
 
 def _conditioned(method: str, build: Callable[[], nn.Module], stream: TaskStream, cfg: TrainConfig,
