@@ -102,3 +102,20 @@ def test_per_sample_task_ids_route_each_sample_to_its_mask():
     out = model(x, tasks)
     for i, t in enumerate(tasks.tolist()):
         assert torch.allclose(out[i], model(x[i : i + 1], t)[0], atol=1e-5)
+
+
+def test_replacing_a_mask_in_the_bank_is_seen_by_the_next_forward():
+    model = build_model("lenet", output_size=10, seed=0)
+    model.begin_tasks(1)
+    model.end_tasks()
+    x = torch.randn(3, 784)
+    before = model(x, 0)
+    layer = model.mask_layers()[0]
+    layer.bank.replace(0, ~layer.bank.mask(0))
+    after = model(x, 0)
+    assert not torch.allclose(before, after)
+    h = x
+    for i, l in enumerate(model.mask_layers()):  # the forward by hand, with the masks now in the banks
+        h = torch.nn.functional.linear(h, l.weight * l.bank.mask(0, torch.float32))
+        h = torch.relu(h) if i < 2 else h
+    assert torch.allclose(after, h, atol=1e-5)

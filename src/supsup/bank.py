@@ -35,6 +35,7 @@ class MaskBank(nn.Module):
         self.register_buffer("mask_sum", torch.zeros(self.num_weights, dtype=torch.float32, device=device),
                              persistent=False)
         self.num_tasks = 0
+        self.version = 0  # bumped on every change of the stored masks (add, replace, load)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, tasks={self.num_tasks}, bytes_per_task={self.row_bytes}"
@@ -86,6 +87,7 @@ class MaskBank(nn.Module):
         self._packed[first : first + flat.shape[0]] = pack_bits(flat)
         self.mask_sum += flat.sum(0, dtype=torch.float32)
         self.num_tasks += flat.shape[0]
+        self.version += 1
         return list(range(first, self.num_tasks))
 
     def replace(self, task: int, mask: torch.Tensor) -> None:
@@ -97,6 +99,7 @@ class MaskBank(nn.Module):
         old = kernels.unpack(self._packed[task : task + 1], self.num_weights)[0]
         self.mask_sum += new.float() - old
         self._packed[task] = pack_bits(new)
+        self.version += 1
 
     def load_packed(self, packed: torch.Tensor) -> None:
         """Replace the contents with ``[k, ⌈P/8⌉] uint8`` rows (e.g. from a checkpoint)."""
@@ -106,6 +109,7 @@ class MaskBank(nn.Module):
         self._packed = torch.zeros(max(packed.shape[0], 1), self.row_bytes, dtype=torch.uint8, device=self.device)
         self._packed[: packed.shape[0]] = packed.to(self.device)
         self.num_tasks = packed.shape[0]
+        self.version += 1
         self.recount()
 
     def recount(self) -> None:

@@ -111,7 +111,6 @@ def load_into(model: SupermaskModel, path: str | Path) -> SupermaskModel:
             raise CheckpointError(f"{path}: tensor masks.{i} is missing")
         layer.density = info["density"]
         layer.bank.load_packed(tensors[f"masks.{i}"])
-        layer._cached = None
     for i, norm in enumerate(model.norm_layers()):
         norm.ensure_tasks(meta["num_tasks"])
         norm.running_mean[: meta["num_tasks"]] = tensors[f"norm.{i}.running_mean"]

@@ -66,7 +66,7 @@ class SupermaskLayer(nn.Module):
         self.scores: nn.Parameter | None = None
         self.training_tasks: list[int] = []
         self.route: Route = None
-        self._cached: tuple[int, int, torch.Tensor] | None = None
+        self._cached: tuple[int, int, torch.Tensor] | None = None  # (task, bank version, W ⊙ M_task)
 
     # ------------------------------------------------------------- task life
     @property
@@ -118,10 +118,10 @@ class SupermaskLayer(nn.Module):
     def _task_weight(self, task: int) -> torch.Tensor:
         if task in self.training_tasks:
             return self.weight * self.training_masks()[self.training_tasks.index(task)]
-        if self._cached is not None and self._cached[:2] == (task, self.bank.num_tasks):
+        if self._cached is not None and self._cached[:2] == (task, self.bank.version):
             return self._cached[2]
         effective = self.weight * self.bank.mask(task, self.weight.dtype)
-        self._cached = (task, self.bank.num_tasks, effective)
+        self._cached = (task, self.bank.version, effective)
         return effective
 
     def _stacked_weights(self, tasks: list[int]) -> torch.Tensor:
