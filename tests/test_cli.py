@@ -64,3 +64,10 @@ def test_nns_scenario_allocates_one_mask_per_hidden_task(tmp_path, data_root):
     assert results["num_masks"] == 2 and results["average_accuracy_inferred"] > 0.8
     decisions = json.loads((out / "nns_decisions.json").read_text())["decisions"]
     assert [d["decision"] for d in decisions if d["decision"] in ("first", "new")] == ["first", "new"]
+
+
+def test_impossible_settings_end_with_a_message_not_a_traceback(tmp_path, data_root):
+    result = runner.invoke(app, ["run", "split-mnist", "--tasks", "7", "--data-root", str(data_root),
+                                 "--out", str(tmp_path / "x")], env={"COLUMNS": "200"})
+    assert result.exit_code == 1
+    assert "SplitMNIST has at most 5 tasks" in result.output and "Traceback" not in result.output

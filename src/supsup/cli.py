@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -86,6 +87,19 @@ class _Bar:
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=console, transient=True)
+
+
+@contextmanager
+def _clear_errors():
+    """Bad input (data, checkpoint, settings) ends the command with its message, not a traceback."""
+    from supsup.checkpoint import CheckpointError
+    from supsup.data.sources import DataError
+
+    try:
+        yield
+    except (DataError, CheckpointError, ValueError, IndexError) as err:
+        console.print(f"[bold red]error:[/bold red] {err}")
+        raise typer.Exit(1) from err
 
 
 def _fmt(value: float | None) -> str:
@@ -183,7 +197,7 @@ def run(
     console.print(f"[bold]{config.description or config.preset}[/bold]\n{config.tasks} tasks × "
                   f"{config.train.batches_per_task} batches of {config.train.batch_size}, device {config.device}, "
                   f"seed {config.seed} → {out}")
-    with _progress() as progress:
+    with _progress() as progress, _clear_errors():
         bar = _Bar(progress)
         results = run_experiment(config, out, data_root, Callbacks(bar.stage, bar.advance))
     console.print(f"data: {results['data_source']}")
@@ -215,7 +229,7 @@ def eval_run(
                               granularity=granularity, steps=steps, device=device, mixed_per_task=mixed_per_task)
     from supsup.experiment import Progress as Callbacks, reevaluate
 
-    with _progress() as progress:
+    with _progress() as progress, _clear_errors():
         bar = _Bar(progress)
         results = reevaluate(run_dir, config, data_root, Callbacks(bar.stage, bar.advance))
     print_results(results)
