@@ -24,6 +24,15 @@ def mnist(data_root):
     return load_mnist(data_root)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one torch thread: small CPU ops are far faster than on two contended threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

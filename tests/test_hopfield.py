@@ -11,13 +11,7 @@ from supsup.hopfield import (HopfieldStore, HopSupSup, HopTrainConfig, accuracy,
                              steps_to_recover, train_task)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small CPU ops run far faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_patterns(n: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -13,13 +13,7 @@ from supsup.nns import NNsConfig, NNsLearner, NNsResult, decide, evaluate_nns, t
 BATCH = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small CPU ops run far faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
