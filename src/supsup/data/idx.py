@@ -13,15 +13,16 @@ from supsup.data.sources import FASHION_MNIST, MNIST, DataError, IdxDataset, dat
 
 @dataclass
 class ImageDataset:
-    """Images ``[N, 28, 28] uint8`` and labels ``[N] int64`` for both splits, plus provenance."""
+    """Images ``[N, 28, 28] uint8`` and labels ``[N] int64`` for both splits, the normalisation
+    constants (floats, or per-channel tuples for colour data), and where the files came from."""
 
     name: str
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    mean: float
-    std: float
+    mean: float | tuple[float, ...]
+    std: float | tuple[float, ...]
     source: str
 
     def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:

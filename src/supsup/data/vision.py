@@ -12,35 +12,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from supsup.data.idx import ImageDataset
 from supsup.data.streams import TaskStream
 from supsup.seeding import generator
 
 
 @dataclass
-class TensorImages:
-    """Both splits of a class-labelled image set: images ``[N, C, H, W] uint8``, labels ``[N] int64``."""
+class TensorImages(ImageDataset):
+    """Both splits of a class-labelled image set: images ``[N, C, H, W] uint8``, labels ``[N] int64``,
+    per-channel ``mean``/``std`` tuples and the number of classes."""
 
-    name: str
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    source: str
-    num_classes: int
-
-    def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if split == "train":
-            return self.train_images, self.train_labels
-        if split == "test":
-            return self.test_images, self.test_labels
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-
-    def to(self, device) -> "TensorImages":
-        for f in ("train_images", "train_labels", "test_images", "test_labels"):
-            setattr(self, f, getattr(self, f).to(device))
-        return self
+    num_classes: int = 10
 
 
 def class_order(num_classes: int, seed: int, name: str, shuffle: bool = True) -> torch.Tensor:
