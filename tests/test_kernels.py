@@ -171,3 +171,32 @@ def test_superposition_from_bits_equals_the_float_reference(kind, mode, monkeypa
     want = values_and_grads(lambda x, a: float_reference(layer, x, a), x, alpha, probe)
     for a, b, what in zip(got, want, ("values", "alpha-gradient", "input-gradient")):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (what, (a - b).abs().max())
+
+
+def test_triton_topk_cutoffs_equal_kthvalue_in_the_interpreter():
+    """The batched radix select (the GPU top-k path) run by Triton's interpreter on the CPU: same cuts as
+    one kthvalue per segment, on segments spanning several chunks, ties, ±0.0, keep-all and keep-none."""
+    pytest.importorskip("triton")
+    script = (
+        "import torch\n"
+        "from supsup import kernels\n"
+        "from supsup.kernels import triton_kernels as tk\n"
+        "tk.TOPK_CHUNK = 4096\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "sizes = [1, 7, 5000, 9000, 300, 64]\n"
+        "flat = torch.randn(sum(sizes), generator=g)\n"
+        "flat[5008:7008] = 0.25 * torch.sign(flat[5008:7008])\n"
+        "flat[14008:14108] = 0.0\n"
+        "flat[14108:14158] = -0.0\n"
+        "keeps = [1, 3, 1000, 8999, 0, 64]\n"
+        "want = kernels._torch_topk_cutoffs(flat, sizes, keeps)\n"
+        "with kernels.use_backend('triton'):\n"
+        "    got = kernels.topk_cutoffs(flat, sizes, keeps)\n"
+        "assert torch.equal(got, want), (got, want)\n"
+    )
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -119,3 +119,35 @@ def test_replacing_a_mask_in_the_bank_is_seen_by_the_next_forward():
         h = torch.nn.functional.linear(h, l.weight * l.bank.mask(0, torch.float32))
         h = torch.relu(h) if i < 2 else h
     assert torch.allclose(after, h, atol=1e-5)
+
+
+def test_model_selects_all_top_k_masks_at_once_with_the_same_result_and_gradients():
+    """SupermaskModel.forward picks every layer's training top-k mask in one batched selection; the output
+    and the scores' gradients equal those of each layer selecting its own mask."""
+    from supsup.density import er_density
+
+    model = build_model("gem_resnet18", output_size=5, num_classes=5, seed=0, rule="topk", density=er_density(8))
+    model.begin_tasks(2)
+    model.train()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def run(batched: bool):
+        for p in model.score_parameters():
+            p.grad = None
+        if batched:
+            y = model(x, [0, 1])
+        else:
+            parts = model.mask_layers() + model.norm_layers()
+            for part in parts:
+                part.route = [0, 1]
+            assert all(layer.training_keep is None for layer in model.mask_layers())
+            y = model.net(x)
+            for part in parts:
+                part.route = None
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in model.score_parameters()]
+
+    (y_batched, g_batched), (y_own, g_own) = run(True), run(False)
+    assert torch.equal(y_batched, y_own)
+    assert all(torch.equal(a, b) for a, b in zip(g_batched, g_own))
+    assert all(layer.training_keep is None for layer in model.mask_layers())  # cleared after the forward

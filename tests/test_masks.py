@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supsup.masks import kept_count, pack_bits, packed_size, threshold_mask, topk_mask, unpack_bits
+from supsup.masks import kept_count, pack_bits, packed_size, threshold_mask, topk_keep_many, topk_mask, unpack_bits
 
 
 def test_threshold_mask_is_scores_at_least_zero_with_identity_gradient():
@@ -71,3 +71,26 @@ def test_unpack_rejects_wrong_sizes():
         assert "30 bits need 4 bytes" in str(err)
     else:
         raise AssertionError
+
+
+def brute_force_keep(row: torch.Tensor, density: float) -> torch.Tensor:
+    """|s| above the (keep+1)-th largest |s| (all when keep = numel): the rule, by a full sort."""
+    keep = kept_count(row.numel(), density)
+    if keep >= row.numel():
+        return torch.ones_like(row, dtype=torch.bool)
+    return row.abs() > row.abs().sort(descending=True).values[keep]
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 700), st.floats(0.001, 1.0)), min_size=1, max_size=5),
+       ties=st.booleans())
+def test_topk_keep_many_equals_a_full_sort_per_row(layers, ties):
+    gen = torch.Generator().manual_seed(len(layers))
+    scores = [torch.randn(k, n, generator=gen) for k, n, _ in layers]
+    if ties:  # quantised scores: many equal |s|, ±0.0 and sign flips at the cut
+        scores = [(s * 2).round() / 2 for s in scores]
+    masks = topk_keep_many(scores, [d for *_, d in layers])
+    for s, m, (_, _, d) in zip(scores, masks, layers):
+        assert m.shape == s.shape and m.dtype == torch.bool
+        for row, mask in zip(s, m):
+            assert torch.equal(mask, brute_force_keep(row, d))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supsup.bank import MaskBank
-from supsup.masks import threshold_mask, topk_keep, topk_mask
+from supsup.masks import threshold_mask, topk_keep_many, topk_mask
 from supsup.seeding import generator
 
 MASK_RULES = ("threshold", "topk")
@@ -66,6 +66,9 @@ class SupermaskLayer(nn.Module):
         self.scores: nn.Parameter | None = None
         self.training_tasks: list[int] = []
         self.route: Route = None
+        # top-k rule: bool masks [K, *shape] of the trained tasks, selected for all layers at once by the
+        # owning model for the duration of one forward (None: the layer selects its own)
+        self.training_keep: torch.Tensor | None = None
         self._cached: tuple[int, int, torch.Tensor] | None = None  # (task, bank version, W ⊙ M_task)
 
     # ------------------------------------------------------------- task life
@@ -91,7 +94,10 @@ class SupermaskLayer(nn.Module):
             raise RuntimeError("no task is being trained: call begin_tasks first")
         if self.rule == "threshold":
             return threshold_mask(self.scores)
-        return torch.stack([topk_mask(s, self.density) for s in self.scores])
+        keep = self.training_keep
+        if keep is None:
+            keep = topk_keep_many([self.scores], [self.density])[0]
+        return topk_mask(self.scores, self.density, keep)
 
     @torch.no_grad()
     def end_tasks(self) -> None:
@@ -101,7 +107,7 @@ class SupermaskLayer(nn.Module):
         if self.rule == "threshold":
             masks = self.scores >= 0
         else:
-            masks = torch.stack([topk_keep(s.abs(), self.density) for s in self.scores])
+            masks = topk_keep_many([self.scores], [self.density])[0]
         learned = self.bank.num_tasks
         for task, mask in zip(self.training_tasks, masks):
             if task < learned:

@@ -9,6 +9,7 @@ Two rules from the paper:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -24,13 +25,17 @@ class _ThresholdSTE(torch.autograd.Function):
 
 
 class _TopKSTE(torch.autograd.Function):
+    """Forward: the given top-k mask of |s| as float; backward: dL/ds = dL/dM * sign(s)."""
+
     @staticmethod
-    def forward(ctx, magnitudes: torch.Tensor, density: float) -> torch.Tensor:
-        return topk_keep(magnitudes, density).to(magnitudes.dtype)
+    def forward(ctx, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scores)
+        return keep.to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        (scores,) = ctx.saved_tensors
+        return grad * scores.sign(), None
 
 
 def kept_count(numel: int, density: float) -> int:
@@ -39,19 +44,33 @@ def kept_count(numel: int, density: float) -> int:
 
 
 def topk_keep(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
-    """Bool mask of the ``density`` fraction of largest entries, per leading slice.
+    """Bool mask of the ``density`` fraction of largest ``|magnitudes|`` (one mask over the whole tensor)."""
+    return topk_keep_many([magnitudes.unsqueeze(0)], [density])[0][0]
 
-    ``magnitudes``: ``[*shape]`` (one mask) or ``[K, *shape]`` with ``batched`` leading dim handled by
-    the caller. Uses a selection (``kthvalue``, O(n)), not a full sort.
+
+def topk_keep_many(scores: Sequence[torch.Tensor], densities: Sequence[float]) -> list[torch.Tensor]:
+    """Bool top-k masks of many score tensors from one batched selection.
+
+    ``scores[i]``: ``[K_i, *shape_i]``; each of its K_i rows keeps its own ``kept_count(numel(shape_i),
+    densities[i])`` entries of largest |s| (sign ignored). The cut is ``|s| > c`` with c the (keep+1)-th
+    largest |s| of the row, so ties at the cut are dropped. Returns bool masks shaped like ``scores``.
+    On CUDA one Triton radix select finds every row's cut (3 passes over all scores together, no host
+    sync, safe inside a CUDA graph); elsewhere one ``kthvalue`` per row.
     """
-    flat = magnitudes.reshape(-1)
-    keep = kept_count(flat.numel(), density)
-    if keep >= flat.numel():
-        return torch.ones_like(magnitudes, dtype=torch.bool)
-    if keep <= 0:
-        return torch.zeros_like(magnitudes, dtype=torch.bool)
-    cutoff = flat.kthvalue(flat.numel() - keep).values
-    return magnitudes > cutoff
+    from supsup import kernels  # kernels import this module
+
+    for density in densities:
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+    rows = [s.detach().float().reshape(s.shape[0], -1) for s in scores]
+    sizes = [r.shape[1] for r in rows for _ in range(r.shape[0])]
+    keeps = [kept_count(r.shape[1], d) for r, d in zip(rows, densities) for _ in range(r.shape[0])]
+    cutoffs = kernels.topk_cutoffs(torch.cat([r.reshape(-1) for r in rows]), sizes, keeps)
+    masks, first = [], 0
+    for s, r in zip(scores, rows):
+        masks.append((r.abs() > cutoffs[first : first + r.shape[0], None]).view(s.shape))
+        first += r.shape[0]
+    return masks
 
 
 def threshold_mask(scores: torch.Tensor) -> torch.Tensor:
@@ -59,11 +78,13 @@ def threshold_mask(scores: torch.Tensor) -> torch.Tensor:
     return _ThresholdSTE.apply(scores)
 
 
-def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
-    """Top-``density`` fraction of ``|scores|`` as float; gradient flows through ``abs`` (× sign(s))."""
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return _TopKSTE.apply(scores.abs(), density)
+def topk_mask(scores: torch.Tensor, density: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-``density`` fraction of ``|scores|`` as float, gradient × sign(s) (straight through |s|).
+
+    ``keep``: the bool mask when already selected (``topk_keep_many`` over several layers at once)."""
+    if keep is None:
+        keep = topk_keep(scores, density)
+    return _TopKSTE.apply(scores, keep)
 
 
 _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}

@@ -10,6 +10,7 @@ from torch import nn
 
 from supsup.convert import DensityFn, convert_to_supermask
 from supsup.layers import MultitaskBatchNorm, Route, Superposition, SupermaskLayer
+from supsup.masks import topk_keep_many
 
 
 class SupermaskModel(nn.Module):
@@ -98,15 +99,27 @@ class SupermaskModel(nn.Module):
     # ----------------------------------------------------------------- forward
     @contextmanager
     def routed(self, route: Route) -> Iterator[None]:
-        """Set how every masked layer and BatchNorm picks its mask for the duration of a forward."""
+        """Set how every masked layer and BatchNorm picks its mask for the duration of a forward.
+
+        When the route uses tasks being trained, the top-k masks of every top-k layer are selected
+        together first (one batched selection instead of one per layer)."""
         layers = self.mask_layers() + self.norm_layers()
         for layer in layers:
             layer.route = route
+        trained = set(self.training_tasks)
+        uses_training = route in trained if isinstance(route, int) else isinstance(route, list) and bool(trained & set(route))
+        selecting = [m for m in self.mask_layers() if m.rule == "topk" and m.scores is not None] if uses_training else []
+        if selecting:
+            keeps = topk_keep_many([m.scores for m in selecting], [m.density for m in selecting])
+            for layer, keep in zip(selecting, keeps):
+                layer.training_keep = keep
         try:
             yield
         finally:
             for layer in layers:
                 layer.route = None
+            for layer in selecting:
+                layer.training_keep = None
 
     def forward(self, x: torch.Tensor, task: int | list[int] | torch.Tensor | Superposition) -> torch.Tensor:
         if isinstance(task, torch.Tensor) and task.dim() == 0:

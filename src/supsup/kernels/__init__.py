@@ -15,6 +15,7 @@ the reference the others are tested against). ``SUPSUP_KERNELS=torch|native|trit
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -192,6 +193,35 @@ def unpack(packed: torch.Tensor, num_bits: int, weight: torch.Tensor | None = No
     if dtype == torch.float32 and packed.device.type == "cpu" and backend_for(packed.device) == "native":
         return native.unpack(packed, num_bits, weight)
     return _torch_unpack(packed, num_bits, weight, dtype)
+
+
+def _torch_topk_cutoffs(flat: torch.Tensor, sizes: list[int], keeps: list[int]) -> torch.Tensor:
+    cutoffs = []
+    for segment, keep in zip(flat.abs().split(sizes), keeps):
+        if keep >= segment.numel():
+            cutoffs.append(segment.new_full((), -math.inf))
+        elif keep <= 0:
+            cutoffs.append(segment.new_full((), math.inf))
+        else:
+            cutoffs.append(segment.kthvalue(segment.numel() - keep).values)
+    return torch.stack(cutoffs)
+
+
+def topk_cutoffs(flat: torch.Tensor, sizes: list[int], keeps: list[int]) -> torch.Tensor:
+    """``[S]`` float32 cuts of S segments laid back to back in ``flat [N]`` (``sizes[i]`` entries each).
+
+    Cut i is the (keeps[i]+1)-th largest |x| of segment i, so ``|x| > cut`` keeps its keeps[i] largest
+    (fewer when values tie at the cut); -inf where a segment keeps everything, +inf where it keeps nothing."""
+    if flat.dim() != 1 or flat.dtype != torch.float32 or sum(sizes) != flat.numel() or len(sizes) != len(keeps):
+        raise ValueError(f"expected flat float32 [sum(sizes)] and one keep per size; got {tuple(flat.shape)} "
+                         f"{flat.dtype}, {len(sizes)} sizes summing to {sum(sizes)}, {len(keeps)} keeps")
+    name = backend_for(flat.device)
+    if name == "triton" and (flat.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        out = _run_triton("topk_cutoffs", flat, sizes, keeps) if _forced is None else \
+            _triton().topk_cutoffs(flat, sizes, keeps)
+        if out is not None:
+            return out
+    return _torch_topk_cutoffs(flat, sizes, keeps)
 
 
 # ------------------------------------------------------------------------------ CPU allocator

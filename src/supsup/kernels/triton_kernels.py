@@ -9,6 +9,8 @@ columns and one split of the task rows. Neither ever writes a float ``[k, P]`` t
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -170,3 +172,76 @@ def _contract_lut(packed: torch.Tensor, gp: torch.Tensor, k: int, R: int, n: int
         _contract_lut_kernel[(col_blocks, splits, n)](packed, gp, live, partial, k, R, rows_per_split, col_blocks,
                                                       BT=BT, BJ=BJ, num_warps=warps)
     return partial.sum(1)
+
+
+# ------------------------------------------------------------------------------ top-k cuts
+@triton.jit
+def _radix_histogram_kernel(bits_ptr, chunk_start_ptr, chunk_stop_ptr, chunk_segment_ptr, prefix_ptr, hist_ptr,
+                            high_mask, SHIFT: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of one segment: histogram of bits [SHIFT, SHIFT + log2 NBINS) of |x| over the entries whose
+    higher bits equal the segment's prefix so far, added into ``hist [S, NBINS]``."""
+    c = tl.program_id(0)
+    start = tl.load(chunk_start_ptr + c)
+    stop = tl.load(chunk_stop_ptr + c)
+    segment = tl.load(chunk_segment_ptr + c)
+    prefix = tl.load(prefix_ptr + segment)
+    counts = tl.zeros([2 * NBINS], dtype=tl.int32)
+    for offset in range(start, stop, BLOCK):
+        idx = offset + tl.arange(0, BLOCK)
+        ok = idx < stop
+        bits = tl.load(bits_ptr + idx, mask=ok, other=0) & 0x7FFFFFFF  # |x| as ordered int32
+        match = ok & ((bits & high_mask) == prefix)
+        counts += tl.histogram(tl.where(match, (bits >> SHIFT) & (NBINS - 1), NBINS), 2 * NBINS)
+    bins = tl.arange(0, 2 * NBINS)
+    tl.atomic_add(hist_ptr + segment * NBINS + bins, counts, mask=bins < NBINS)
+
+
+#: Radix digits (shift, width) over the 31 bits of |x|: 11 + 10 + 10.
+_DIGITS = ((20, 11), (10, 10), (0, 10))
+#: Entries per program (one program never spans two segments).
+TOPK_CHUNK = 1 << 16
+_topk_plans: dict = {}
+
+
+def _topk_plan(device: torch.device, sizes: list[int], keeps: list[int]) -> dict:
+    """Chunk table and per-segment constants, built once per (device, sizes, keeps)."""
+    key = (device, tuple(sizes), tuple(keeps))
+    if key not in _topk_plans:
+        starts, stops, segments, offset = [], [], [], 0
+        for i, n in enumerate(sizes):
+            for start in range(offset, offset + n, TOPK_CHUNK):
+                starts.append(start)
+                stops.append(min(start + TOPK_CHUNK, offset + n))
+                segments.append(i)
+            offset += n
+        as_tensor = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
+        _topk_plans[key] = {"start": as_tensor(starts, torch.int64), "stop": as_tensor(stops, torch.int64),
+                            "segment": as_tensor(segments, torch.int32),
+                            "need": as_tensor([k + 1 for k in keeps], torch.int64),
+                            "all": as_tensor([k >= n for k, n in zip(keeps, sizes)], torch.bool),
+                            "none": as_tensor([k <= 0 for k in keeps], torch.bool)}
+    return _topk_plans[key]
+
+
+def topk_cutoffs(flat: torch.Tensor, sizes: list[int], keeps: list[int]) -> torch.Tensor:
+    """``[S]`` cuts (the (keep+1)-th largest |x| per segment of ``flat``) by an exact radix select on the
+    bit patterns of |x| (ordered like the values): per digit, one histogram pass over all segments,
+    then the digit of the cut from the suffix sums of each segment's histogram. No sort, no host sync."""
+    plan = _topk_plan(flat.device, sizes, keeps)
+    bits = flat.contiguous().view(torch.int32)
+    num_segments = len(sizes)
+    prefix = torch.zeros(num_segments, dtype=torch.int32, device=flat.device)
+    need = plan["need"]
+    for shift, width in _DIGITS:
+        nbins = 1 << width
+        hist = torch.zeros(num_segments, nbins, dtype=torch.int32, device=flat.device)
+        _radix_histogram_kernel[(plan["start"].numel(),)](bits, plan["start"], plan["stop"], plan["segment"], prefix,
+                                                          hist, -(1 << (shift + width)), SHIFT=shift, NBINS=nbins,
+                                                          BLOCK=2048, num_warps=8)
+        at_or_above = hist.flip(1).cumsum(1).flip(1)  # [S, nbins]: matching entries with this digit or higher
+        digit = (at_or_above >= need[:, None]).sum(1) - 1  # the cut's digit (-1 only when keep >= size)
+        above = at_or_above.gather(1, (digit + 1).clamp(max=nbins - 1)[:, None]).squeeze(1)
+        need = need - torch.where(digit + 1 < nbins, above, 0)
+        prefix = prefix | (digit.clamp(min=0) << shift).to(torch.int32)
+    cuts = prefix.view(torch.float32)
+    return torch.where(plan["all"], -math.inf, torch.where(plan["none"], math.inf, cuts))
