@@ -68,3 +68,105 @@ def test_mixed_stream_per_sample_inference_routes_each_sample(trained):
     assert mixed.accuracy_given - 0.03 <= mixed.accuracy_inferred <= mixed.accuracy_given
     with pytest.raises(ValueError, match="per-sample"):
         evaluate_mixed(model, stream, Inference(granularity="image"))
+
+
+def test_training_step_without_a_graph_is_the_plain_step():
+    import torch
+    import torch.nn.functional as F
+
+    from supsup.learners import TrainingStep
+
+    def make():
+        model = build_model("lenet", output_size=10, seed=3)
+        model.begin_tasks(1)
+        return model, make_optimizer(model.score_parameters(), TrainConfig(optimizer="adam", lr=1e-2))
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 784, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(4)]
+    stepped, opt_a = make()
+    step = TrainingStep(lambda x, y: F.cross_entropy(stepped(x, 0), y), opt_a, cuda_graph=False)
+    plain, opt_b = make()
+    for x, y in batches:
+        loss = step(x, y)
+        want = F.cross_entropy(plain(x, 0), y)
+        opt_b.zero_grad()
+        want.backward()
+        opt_b.step()
+        assert torch.equal(loss, want.detach())
+    assert all(torch.equal(a, b) for a, b in zip(stepped.score_parameters(), plain.score_parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(stepped.score_parameters(), make()[0].score_parameters()))
+
+
+def test_cuda_graph_is_refused_for_sgd_and_off_cuda():
+    import torch
+
+    from supsup.learners import TrainingStep
+
+    model = build_model("lenet", output_size=10, seed=3)
+    model.begin_tasks(1)
+    with pytest.raises(ValueError, match="SGD"):
+        make_optimizer(model.score_parameters(), TrainConfig(optimizer="sgd"), capturable=True)
+    step = TrainingStep(lambda x, y: model(x, 0).sum(), torch.optim.Adam(model.score_parameters()), cuda_graph=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        step(torch.randn(2, 784), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_cuda_graphed_gg_step_trains_like_the_eager_step():
+    """Reduced ResNet-18, top-k masks (batched Triton selection), per-task BN, Adam + cosine schedule with a
+    tensor lr: the graphed step gives the same losses, scores, masks and BN statistics as the eager step."""
+    import torch
+    import torch.nn.functional as F
+
+    from supsup.density import er_density
+    from supsup.learners import TrainingStep
+
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 3, 32, 32, generator=gen).cuda(), torch.randint(0, 5, (32,), generator=gen).cuda())
+               for _ in range(8)]
+    cfg = TrainConfig(optimizer="adam", lr=1e-2, weight_decay=1e-4)
+    runs = []
+    for graphed in (False, True):
+        model = build_model("gem_resnet18", output_size=5, num_classes=5, seed=0, rule="topk",
+                            density=er_density(8)).cuda()
+        model.begin_tasks(1)
+        model.train()
+        opt = make_optimizer(model.score_parameters(), cfg, capturable=True)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(batches))
+        step = TrainingStep(lambda x, y, m=model: F.cross_entropy(m(x, 0), y), opt, cuda_graph=graphed, warmup=2)
+        losses = []
+        for x, y in batches:
+            losses.append(float(step(x, y)))
+            schedule.step()
+        runs.append((losses, [p.detach().clone() for p in model.score_parameters()],
+                     [bn.running_mean.clone() for bn in model.norm_layers()]))
+        if graphed:
+            assert step.graph is not None
+        model.end_tasks()
+        runs[-1] += ([layer.bank.packed.clone() for layer in model.mask_layers()],)
+    (la, sa, ba, ma), (lb, sb, bb, mb) = runs
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(sa, sb))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(ba, bb))
+    assert all(torch.equal(a, b) for a, b in zip(ma, mb))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_batched_top_k_on_the_gpu_equals_kthvalue_on_resnet50_layers():
+    import torch
+
+    from supsup import kernels
+    from supsup.density import er_density
+    from supsup.masks import topk_keep_many
+
+    model = build_model("resnet50", output_size=10, num_classes=10, seed=0, rule="topk", density=er_density(8))
+    gen = torch.Generator().manual_seed(1)
+    scores = [torch.randn(2, *layer.weight.shape, generator=gen).cuda() for layer in model.mask_layers()]
+    densities = [layer.density for layer in model.mask_layers()]
+    assert kernels.backend_for(scores[0].device) == "triton"
+    got = topk_keep_many(scores, densities)
+    with kernels.use_backend("torch"):
+        want = topk_keep_many(scores, densities)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -28,6 +28,7 @@ class TrainConfig:
     batches_per_task: int = 1000
     cosine: bool = False  # cosine-anneal the learning rate over the task's batches
     tasks_at_once: int = 1  # K: tasks trained together as one grouped computation
+    cuda_graph: bool = False  # on CUDA, capture the training step once and replay it (see TrainingStep)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -37,13 +38,77 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """A fresh optimiser over the scores of the task(s) being trained (elementwise, so per task)."""
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, capturable: bool = False) -> torch.optim.Optimizer:
+    """A fresh optimiser over the scores of the task(s) being trained (elementwise, so per task).
+
+    ``capturable``: state and learning rate live on the parameters' device (a tensor lr, which schedulers
+    update in place), as a CUDA-graphed step needs."""
+    if capturable:
+        lr, extra = torch.tensor(cfg.lr, device=params[0].device), {"capturable": True}
+    else:
+        lr, extra = cfg.lr, {}
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=cfg.weight_decay, **extra)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, **extra)
+    if capturable:
+        raise ValueError("SGD is not capturable here: use adam or rmsprop with a CUDA graph")
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+class TrainingStep:
+    """One optimisation step: ``loss = loss_fn(x, y)``, backward, ``optimizer.step()``; returns the loss.
+
+    With ``cuda_graph`` (CUDA only; the optimiser built with ``capturable=True``) the first ``warmup``
+    calls run eagerly on a side stream, the next one captures the whole step as a CUDA graph, and every
+    call from then on copies ``x, y`` into the graph's input buffers and replays it: the same kernels on
+    the same batches, without Python and launch costs per kernel. Every call is a real step on its batch.
+    Batches must then keep their shape, and ``loss_fn`` must not synchronise with the host."""
+
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+                 cuda_graph: bool = False, warmup: int = 3):
+        self.loss_fn, self.optimizer, self.cuda_graph, self.warmup = loss_fn, optimizer, cuda_graph, warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, y, loss
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(x, y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if not self.cuda_graph:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._step(x, y)
+        if not x.is_cuda:
+            raise ValueError("cuda_graph needs the batches on a CUDA device")
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self._step(x, y)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self.graph is None:
+            static_x, static_y = x.clone(), y.clone()
+            self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                static_loss = self._step(static_x, static_y)
+            self._static = (static_x, static_y, static_loss)
+        else:
+            static_x, static_y, _ = self._static
+            if x.shape != static_x.shape or y.shape != static_y.shape:
+                raise ValueError(f"a CUDA-graphed step needs batches of one shape: captured {tuple(static_x.shape)}, "
+                                 f"got {tuple(x.shape)}")
+            static_x.copy_(x)
+            static_y.copy_(y)
+        self.graph.replay()
+        return self._static[2]
 
 
 def train_task_group(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig,
@@ -61,21 +126,19 @@ def train_task_group(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig
     if count < 1:
         raise ValueError(f"the stream has {stream.num_tasks} tasks and all are learned")
     ids = model.begin_tasks(count, None if init_scores is None else init_scores(count))
-    optimizer = make_optimizer(model.score_parameters(), cfg)
+    graphed = cfg.cuda_graph and model.mask_layers()[0].weight.is_cuda
+    optimizer = make_optimizer(model.score_parameters(), cfg, capturable=graphed)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.batches_per_task)
                 if cfg.cosine else None)
     model.train()
+    route = ids if count > 1 else ids[0]
+    # Sum of per-task mean losses: each task's scores get exactly its own gradient.
+    step = TrainingStep(lambda x, y: F.cross_entropy(model(x, route), y, reduction="sum") / cfg.batch_size,
+                        optimizer, cuda_graph=graphed)
     iterators = [stream.train_batches(t, cfg.batch_size, cfg.batches_per_task) for t in ids]
-    for step in range(cfg.batches_per_task):
+    for _ in range(cfg.batches_per_task):
         batches = [next(it) for it in iterators]
-        x = torch.cat([b[0] for b in batches])
-        y = torch.cat([b[1] for b in batches])
-        logits = model(x, ids if count > 1 else ids[0])
-        # Sum of per-task mean losses: each task's scores get exactly its own gradient.
-        loss = F.cross_entropy(logits, y, reduction="sum") / cfg.batch_size
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
         if schedule is not None:
             schedule.step()
         if on_batch is not None:
