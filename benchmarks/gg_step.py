@@ -58,8 +58,8 @@ def _case(name: str, batch: int, size: int, classes: int, multiplier: float, dev
     y = torch.randint(0, classes, (batch,), device=device)
     cfg = TrainConfig(optimizer="adam", lr=1e-3, weight_decay=1e-4)
 
-    def amp():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    def amp():  # no cast cache: a CUDA-graph capture must not keep casts across steps
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda else contextlib.nullcontext()
 
     masked = build_model(name, output_size=classes, num_classes=classes, seed=0, rule="topk",
                          density=er_density(multiplier)).to(device, memory_format=fmt)
