@@ -29,6 +29,7 @@ The decision log (batch, decision, mask, confidence = n · max ν) is kept in ``
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,7 +112,7 @@ class NNsResult:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "NNsResult":
+    def from_json(cls, text: str) -> NNsResult:
         raw = json.loads(text)
         raw["decisions"] = [Decision(**d) for d in raw["decisions"]]
         return cls(**raw)
@@ -120,7 +121,7 @@ class NNsResult:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "NNsResult":
+    def load(cls, path: str | Path) -> NNsResult:
         return cls.from_json(Path(path).read_text())
 
 
@@ -262,11 +263,17 @@ def train_nns(model: SupermaskModel, batches: Iterable[tuple[torch.Tensor, torch
 
 
 def hidden_task_batches(stream: TaskStream, batches_per_task: int = 1000, batch_size: int = 128,
-                        num_tasks: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The NNs training stream: each task's ``train_batches`` one after another, ids dropped."""
+                        num_tasks: int | None = None, keep_going: Callable[[int], bool] | None = None
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The NNs training stream: each task's ``train_batches`` one after another, ids dropped.
+
+    ``keep_going(tasks_done)`` is called after each complete task (the last one too); False ends the
+    stream there, so every streamed task is complete. This is the driver's time box: the learner
+    consuming the batches never sees the boundaries."""
     for task in range(stream.num_tasks if num_tasks is None else num_tasks):
-        for x, y in stream.train_batches(task, batch_size, batches_per_task):
-            yield x, y
+        yield from stream.train_batches(task, batch_size, batches_per_task)
+        if keep_going is not None and not keep_going(task + 1):
+            return
 
 
 @dataclass
@@ -280,14 +287,22 @@ class NNsTaskResult:
 
 @dataclass
 class NNsEvaluation:
+    """Per-task results, in task order; ``planned`` = the tasks a time budget chose (None: no budget)."""
+
     tasks: list[NNsTaskResult] = field(default_factory=list)
+    planned: list[int] | None = None
 
     @property
     def average_accuracy(self) -> float:
         return sum(t.accuracy for t in self.tasks) / len(self.tasks)
 
+    @property
+    def evaluated_tasks(self) -> list[int]:
+        return [t.task for t in self.tasks]
+
     def as_dict(self) -> dict:
-        return {"average_accuracy": self.average_accuracy, "tasks": [asdict(t) for t in self.tasks]}
+        return {"average_accuracy": self.average_accuracy, "evaluated_tasks": self.evaluated_tasks,
+                "planned_tasks": self.planned, "tasks": [asdict(t) for t in self.tasks]}
 
 
 @torch.no_grad()
@@ -296,21 +311,82 @@ def evaluate_nns(model: SupermaskModel, stream: TaskStream, how: Inference = Inf
                  on_task: Callable[[NNsTaskResult], None] | None = None) -> NNsEvaluation:
     """Shared-label accuracy with inferred masks (paper NNs protocol): each hidden task's test set in
     shuffled batches of ``batch_size``; one inference per batch (``how``, One-Shot H from the first
-    image by default); the batch is classified with the inferred mask, whichever it is."""
+    image by default); the batch is classified with the inferred mask, whichever it is.
+
+    One host-device sync per batch (the inferred mask id picks the weights) and one per task."""
     model.eval()
     evaluation = NNsEvaluation()
+    k = model.num_tasks
     for task in range(stream.num_tasks) if tasks is None else tasks:
         x, y = stream.test_set(task)
         order = torch.randperm(x.shape[0], generator=generator(seed, "test-order", task)).to(x.device)
-        right, counts = 0, {}
+        right = torch.zeros((), dtype=torch.long, device=x.device)
+        counts = torch.zeros(k, dtype=torch.long, device=x.device)
         for start in range(0, x.shape[0], batch_size):
             idx = order[start : start + batch_size]
             inferred = infer_tasks(model, x[idx], how)  # 0-dim (one mask per batch) or [b] (per sample)
-            right += int((predict(model, x[idx], inferred if inferred.dim() else int(inferred)) == y[idx]).sum())
-            for m in inferred.expand(idx.numel()).tolist():
-                counts[m] = counts.get(m, 0) + 1
-        result = NNsTaskResult(task, right / x.shape[0], dict(sorted(counts.items())))
+            right += (predict(model, x[idx], inferred if inferred.dim() else int(inferred)) == y[idx]).sum()
+            ids = inferred.expand(idx.numel())
+            counts.scatter_add_(0, ids, torch.ones_like(ids))  # bincount would sync
+        inferred_counts = {m: c for m, c in enumerate(counts.tolist()) if c}
+        result = NNsTaskResult(task, int(right) / x.shape[0], inferred_counts)
         evaluation.tasks.append(result)
         if on_task is not None:
             on_task(result)
+    return evaluation
+
+
+def spaced(total: int, count: int) -> list[int]:
+    """``min(count, total)`` evenly spaced ids of ``0..total-1``, both ends included (integer steps)."""
+    count = min(count, total)
+    if count <= 1:
+        return [0][:count]
+    return [i * (total - 1) // (count - 1) for i in range(count)]
+
+
+def coarse_to_fine(items: list[int]) -> list[int]:
+    """``items`` reordered first, last, then midpoints level by level: any prefix spans the whole range."""
+    if len(items) < 2:
+        return list(items)
+    order, spans = [0, len(items) - 1], [(0, len(items) - 1)]
+    while spans:
+        a, b = spans.pop(0)
+        if b - a >= 2:
+            m = (a + b) // 2
+            order.append(m)
+            spans += [(a, m), (m, b)]
+    return [items[i] for i in order]
+
+
+def evaluate_nns_within(model: SupermaskModel, stream: TaskStream, num_tasks: int, seconds: float | None, *,
+                        how: Inference | None = None, batch_size: int = 128, seed: int = 0,
+                        on_task: Callable[[NNsTaskResult], None] | None = None,
+                        clock: Callable[[], float] = time.perf_counter) -> NNsEvaluation:
+    """``evaluate_nns`` over hidden tasks ``0..num_tasks-1``, or, when ``seconds`` would not cover them, an
+    evenly spaced subset that fits (``seconds=None``: all tasks).
+
+    Task 0 (warm-up) and task ``num_tasks-1`` go first; the time t of the second sets the plan
+    ``spaced(num_tasks, 2 + ⌊0.9 · remaining seconds / t⌋)`` (stored as ``planned``). The rest of the
+    plan runs coarse to fine, and no task starts once ``seconds`` have passed, so if the estimate was
+    wrong the evaluated tasks (the result's ``evaluated_tasks``) still span the range."""
+    if num_tasks < 1:
+        raise ValueError(f"nothing to evaluate: num_tasks must be >= 1, got {num_tasks}")
+    kwargs = {"how": how or Inference(), "batch_size": batch_size, "seed": seed, "on_task": on_task}
+    if seconds is None:
+        return evaluate_nns(model, stream, tasks=range(num_tasks), **kwargs)
+    start = clock()
+    evaluation = evaluate_nns(model, stream, tasks=[0], **kwargs)
+    plan = [0]
+    if num_tasks > 1 and clock() - start < seconds:
+        before = clock()
+        evaluation.tasks += evaluate_nns(model, stream, tasks=[num_tasks - 1], **kwargs).tasks
+        per_task = max(clock() - before, 1e-9)
+        fit = int(0.9 * max(seconds - (clock() - start), 0.0) / per_task)
+        plan = spaced(num_tasks, 2 + fit)
+        for task in coarse_to_fine(plan)[2:]:
+            if clock() - start >= seconds:
+                break
+            evaluation.tasks += evaluate_nns(model, stream, tasks=[task], **kwargs).tasks
+    evaluation.tasks.sort(key=lambda t: t.task)
+    evaluation.planned = plan
     return evaluation
