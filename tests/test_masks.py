@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supsup.masks import kept_count, pack_bits, packed_size, threshold_mask, topk_keep_many, topk_mask, unpack_bits
+from supsup.masks import (kept_count, masked_weight, pack_bits, packed_size, threshold_mask, topk_keep, topk_keep_many,
+                          unpack_bits)
 
 
 def test_threshold_mask_is_scores_at_least_zero_with_identity_gradient():
@@ -17,31 +18,43 @@ def test_threshold_mask_is_scores_at_least_zero_with_identity_gradient():
     assert scores.grad.tolist() == upstream.tolist()
 
 
-def test_topk_gradient_is_upstream_times_sign_of_scores():
+def test_topk_gradient_is_upstream_times_weight_times_sign_of_scores():
     scores = torch.tensor([[-3.0, 0.5], [2.0, -0.1]], requires_grad=True)
-    mask = topk_mask(scores, density=0.5)
-    assert mask.tolist() == [[1.0, 0.0], [1.0, 0.0]]  # the two largest |s|: -3 and 2
+    weight = torch.tensor([[0.5, -0.5], [0.5, 0.5]])
+    keep = topk_keep(scores, density=0.5)
+    assert keep.tolist() == [[True, False], [True, False]]  # the two largest |s|: -3 and 2
+    effective = masked_weight(scores, weight, keep, "topk")
+    assert effective.tolist() == [[0.5, 0.0], [0.5, 0.0]]
     upstream = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    (mask * upstream).sum().backward()
-    # by hand: g * sign(s) = [[1*-1, 2*1], [3*1, 4*-1]]
-    assert scores.grad.tolist() == [[-1.0, 2.0], [3.0, -4.0]]
+    (effective * upstream).sum().backward()
+    # by hand: g * w * sign(s) = [[1*.5*-1, 2*-.5*1], [3*.5*1, 4*.5*-1]], also where the mask is 0
+    assert scores.grad.tolist() == [[-0.5, -1.0], [1.5, -2.0]]
+
+
+def test_threshold_weight_gradient_is_upstream_times_weight():
+    scores = torch.tensor([-0.5, 0.0, 0.3], requires_grad=True)
+    weight = torch.tensor([2.0, -2.0, 2.0])
+    effective = masked_weight(scores, weight, scores >= 0, "threshold")
+    assert effective.tolist() == [0.0, -2.0, 2.0]
+    (effective * torch.tensor([1.0, 3.0, -1.0])).sum().backward()
+    assert scores.grad.tolist() == [2.0, -6.0, -2.0]
 
 
 @settings(max_examples=30, deadline=None)
 @given(numel=st.integers(1, 5000), density=st.floats(0.001, 1.0))
 def test_topk_keeps_exactly_the_reference_count(numel, density):
     scores = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
-    mask = topk_mask(scores, density)
+    mask = topk_keep(scores, density)
     kept = int(mask.sum())
     assert kept == kept_count(numel, density)
     if 0 < kept < numel:  # every kept |s| is above every dropped |s|
-        assert scores.abs()[mask.bool()].min() > scores.abs()[~mask.bool()].max()
+        assert scores.abs()[mask].min() > scores.abs()[~mask].max()
 
 
 def test_topk_rejects_bad_density():
     for bad in (0.0, -0.1, 1.5):
         try:
-            topk_mask(torch.randn(4), bad)
+            topk_keep(torch.randn(4), bad)
         except ValueError as err:
             assert "density" in str(err)
         else:

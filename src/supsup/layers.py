@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supsup.bank import MaskBank
-from supsup.masks import threshold_mask, topk_keep_many, topk_mask
+from supsup.masks import masked_weight, topk_keep_many
 from supsup.seeding import generator
 
 MASK_RULES = ("threshold", "topk")
@@ -88,16 +88,17 @@ class SupermaskLayer(nn.Module):
         self.scores = nn.Parameter(init_scores.to(self.weight.device, torch.float32).clone())
         self.training_tasks = list(task_ids)
 
-    def training_masks(self) -> torch.Tensor:
-        """Float masks ``[K, *shape]`` of the tasks being trained, with the straight-through gradient."""
+    def training_weights(self) -> torch.Tensor:
+        """Effective weights ``W ⊙ M`` ``[K, *shape]`` of the tasks being trained; the gradient reaches the
+        scores straight through the masks."""
         if self.scores is None:
             raise RuntimeError("no task is being trained: call begin_tasks first")
         if self.rule == "threshold":
-            return threshold_mask(self.scores)
-        keep = self.training_keep
-        if keep is None:
-            keep = topk_keep_many([self.scores], [self.density])[0]
-        return topk_mask(self.scores, self.density, keep)
+            keep = self.scores >= 0
+        else:
+            keep = self.training_keep if self.training_keep is not None else \
+                topk_keep_many([self.scores], [self.density])[0]
+        return masked_weight(self.scores, self.weight, keep, self.rule)
 
     @torch.no_grad()
     def end_tasks(self) -> None:
@@ -123,7 +124,8 @@ class SupermaskLayer(nn.Module):
     # ------------------------------------------------------------------ masks
     def _task_weight(self, task: int) -> torch.Tensor:
         if task in self.training_tasks:
-            return self.weight * self.training_masks()[self.training_tasks.index(task)]
+            weights = self.training_weights()
+            return weights.squeeze(0) if weights.shape[0] == 1 else weights[self.training_tasks.index(task)]
         if self._cached is not None and self._cached[:2] == (task, self.bank.version):
             return self._cached[2]
         effective = self.weight * self.bank.mask(task, self.weight.dtype)
@@ -133,7 +135,7 @@ class SupermaskLayer(nn.Module):
     def _stacked_weights(self, tasks: list[int]) -> torch.Tensor:
         """``[K, *shape]`` effective weights of a list of tasks (trained or learned)."""
         if tasks == self.training_tasks:
-            return self.weight * self.training_masks()
+            return self.training_weights()
         return torch.stack([self._task_weight(t) for t in tasks])
 
     def _check_task(self, task: int) -> None:

@@ -4,6 +4,7 @@ Two rules from the paper:
 - threshold: M = [s >= 0], dL/ds = dL/dM (Mallya et al.; used for GNu/NNs).
 - top-k:     M keeps the fraction ``density`` of weights with the largest |s|;
              dL/ds = dL/dM * sign(s) (Edge-Popup; used for GG).
+A layer uses them through ``masked_weight`` (W ⊙ M and that gradient in one autograd node).
 """
 
 from __future__ import annotations
@@ -24,18 +25,23 @@ class _ThresholdSTE(torch.autograd.Function):
         return grad
 
 
-class _TopKSTE(torch.autograd.Function):
-    """Forward: the given top-k mask of |s| as float; backward: dL/ds = dL/dM * sign(s)."""
+class _MaskedWeight(torch.autograd.Function):
+    """``W ⊙ M`` for a given bool M, with the straight-through gradient to the scores s:
+    dL/ds = dL/dW_eff ⊙ W (threshold rule) or dL/dW_eff ⊙ W ⊙ sign(s) (top-k rule, through |s|)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(scores)
-        return keep.to(scores.dtype)
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, signed: bool) -> torch.Tensor:
+        ctx.save_for_backward(scores, weight)
+        ctx.signed = signed
+        return torch.where(keep, weight, 0.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (scores,) = ctx.saved_tensors
-        return grad * scores.sign(), None
+        scores, weight = ctx.saved_tensors
+        grad_scores = grad * weight
+        if ctx.signed:
+            grad_scores = grad_scores.mul_(scores.sign())
+        return grad_scores, None, None, None
 
 
 def kept_count(numel: int, density: float) -> int:
@@ -63,9 +69,7 @@ def topk_keep_many(scores: Sequence[torch.Tensor], densities: Sequence[float]) -
         if not 0.0 < density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {density}")
     rows = [s.detach().float().reshape(s.shape[0], -1) for s in scores]
-    sizes = [r.shape[1] for r in rows for _ in range(r.shape[0])]
-    keeps = [kept_count(r.shape[1], d) for r, d in zip(rows, densities) for _ in range(r.shape[0])]
-    cutoffs = kernels.topk_cutoffs(torch.cat([r.reshape(-1) for r in rows]), sizes, keeps)
+    cutoffs = kernels.topk_cutoffs(rows, [kept_count(r.shape[1], d) for r, d in zip(rows, densities)])
     masks, first = [], 0
     for s, r in zip(scores, rows):
         masks.append((r.abs() > cutoffs[first : first + r.shape[0], None]).view(s.shape))
@@ -78,13 +82,11 @@ def threshold_mask(scores: torch.Tensor) -> torch.Tensor:
     return _ThresholdSTE.apply(scores)
 
 
-def topk_mask(scores: torch.Tensor, density: float, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Top-``density`` fraction of ``|scores|`` as float, gradient × sign(s) (straight through |s|).
-
-    ``keep``: the bool mask when already selected (``topk_keep_many`` over several layers at once)."""
-    if keep is None:
-        keep = topk_keep(scores, density)
-    return _TopKSTE.apply(scores, keep)
+def masked_weight(scores: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, rule: str) -> torch.Tensor:
+    """Effective weights ``W ⊙ M`` ``[K, *shape]`` from ``weight [*shape]`` and the bool masks ``keep [K, *shape]``
+    chosen from ``scores [K, *shape]`` by ``rule``; the gradient reaches the scores straight through M
+    (× sign(s) for ``"topk"``, whose masks are chosen on |s|)."""
+    return _MaskedWeight.apply(scores, weight, keep, rule == "topk")
 
 
 _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}

@@ -195,33 +195,36 @@ def unpack(packed: torch.Tensor, num_bits: int, weight: torch.Tensor | None = No
     return _torch_unpack(packed, num_bits, weight, dtype)
 
 
-def _torch_topk_cutoffs(flat: torch.Tensor, sizes: list[int], keeps: list[int]) -> torch.Tensor:
+def _torch_topk_cutoffs(rows: list[torch.Tensor], keeps: list[int]) -> torch.Tensor:
     cutoffs = []
-    for segment, keep in zip(flat.abs().split(sizes), keeps):
-        if keep >= segment.numel():
-            cutoffs.append(segment.new_full((), -math.inf))
-        elif keep <= 0:
-            cutoffs.append(segment.new_full((), math.inf))
+    for r, keep in zip(rows, keeps):
+        n = r.shape[1]
+        if keep >= n or keep <= 0:
+            cutoffs.append(r.new_full((r.shape[0],), -math.inf if keep >= n else math.inf))
         else:
-            cutoffs.append(segment.kthvalue(segment.numel() - keep).values)
-    return torch.stack(cutoffs)
+            cutoffs.append(r.abs().kthvalue(n - keep, dim=1).values)
+    return torch.cat(cutoffs)
 
 
-def topk_cutoffs(flat: torch.Tensor, sizes: list[int], keeps: list[int]) -> torch.Tensor:
-    """``[S]`` float32 cuts of S segments laid back to back in ``flat [N]`` (``sizes[i]`` entries each).
+def topk_cutoffs(rows: list[torch.Tensor], keeps: list[int]) -> torch.Tensor:
+    """Cuts of top-k selections: ``rows[i]`` is ``[K_i, n_i]`` float32 and each of its rows keeps ``keeps[i]``
+    entries. Returns ``[Σ K_i]`` float32: row by row, the (keep+1)-th largest |x|, so ``|x| > cut`` keeps the
+    ``keep`` largest (fewer when values tie at the cut); -inf where a row keeps everything, +inf where nothing.
 
-    Cut i is the (keeps[i]+1)-th largest |x| of segment i, so ``|x| > cut`` keeps its keeps[i] largest
-    (fewer when values tie at the cut); -inf where a segment keeps everything, +inf where it keeps nothing."""
-    if flat.dim() != 1 or flat.dtype != torch.float32 or sum(sizes) != flat.numel() or len(sizes) != len(keeps):
-        raise ValueError(f"expected flat float32 [sum(sizes)] and one keep per size; got {tuple(flat.shape)} "
-                         f"{flat.dtype}, {len(sizes)} sizes summing to {sum(sizes)}, {len(keeps)} keeps")
-    name = backend_for(flat.device)
-    if name == "triton" and (flat.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        out = _run_triton("topk_cutoffs", flat, sizes, keeps) if _forced is None else \
-            _triton().topk_cutoffs(flat, sizes, keeps)
+    CUDA: one batched Triton radix select over all rows; elsewhere one ``kthvalue`` per tensor."""
+    if len(rows) != len(keeps) or any(r.dim() != 2 or r.dtype != torch.float32 for r in rows):
+        raise ValueError(f"expected float32 [K, n] tensors and one keep per tensor; got "
+                         f"{[(tuple(r.shape), r.dtype) for r in rows]} and {len(keeps)} keeps")
+    name = backend_for(rows[0].device)
+    if name == "triton" and (rows[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        flat = torch.cat([r.reshape(-1) for r in rows])
+        sizes = [r.shape[1] for r in rows for _ in range(r.shape[0])]
+        per_row = [k for r, k in zip(rows, keeps) for _ in range(r.shape[0])]
+        out = _run_triton("topk_cutoffs", flat, sizes, per_row) if _forced is None else \
+            _triton().topk_cutoffs(flat, sizes, per_row)
         if out is not None:
             return out
-    return _torch_topk_cutoffs(flat, sizes, keeps)
+    return _torch_topk_cutoffs(rows, keeps)
 
 
 # ------------------------------------------------------------------------------ CPU allocator

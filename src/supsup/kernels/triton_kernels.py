@@ -9,8 +9,6 @@ columns and one split of the task rows. Neither ever writes a float ``[k, P]`` t
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -175,73 +173,97 @@ def _contract_lut(packed: torch.Tensor, gp: torch.Tensor, k: int, R: int, n: int
 
 
 # ------------------------------------------------------------------------------ top-k cuts
+#: Radix digits of 8 bits over the 32-bit pattern of |x| (sign bit 0), most significant first.
+_SHIFTS = (24, 16, 8, 0)
+_NBINS = 256
+#: Entries per histogram program (one program never spans two segments).
+TOPK_BLOCK = 4096
+
+
 @triton.jit
-def _radix_histogram_kernel(bits_ptr, chunk_start_ptr, chunk_stop_ptr, chunk_segment_ptr, prefix_ptr, hist_ptr,
+def _radix_histogram_kernel(bits_ptr, tile_start_ptr, tile_stop_ptr, tile_segment_ptr, prefix_ptr, hist_ptr,
                             high_mask, SHIFT: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr):
-    """One chunk of one segment: histogram of bits [SHIFT, SHIFT + log2 NBINS) of |x| over the entries whose
-    higher bits equal the segment's prefix so far, added into ``hist [S, NBINS]``."""
-    c = tl.program_id(0)
-    start = tl.load(chunk_start_ptr + c)
-    stop = tl.load(chunk_stop_ptr + c)
-    segment = tl.load(chunk_segment_ptr + c)
+    """One tile (at most BLOCK entries of one segment): histogram of the digit ``|x| >> SHIFT`` over the
+    entries whose higher bits equal the segment's prefix so far, added into ``hist [S, NBINS]``."""
+    t = tl.program_id(0)
+    start = tl.load(tile_start_ptr + t)
+    stop = tl.load(tile_stop_ptr + t)
+    segment = tl.load(tile_segment_ptr + t)
     prefix = tl.load(prefix_ptr + segment)
-    counts = tl.zeros([2 * NBINS], dtype=tl.int32)
-    for offset in range(start, stop, BLOCK):
-        idx = offset + tl.arange(0, BLOCK)
-        ok = idx < stop
-        bits = tl.load(bits_ptr + idx, mask=ok, other=0) & 0x7FFFFFFF  # |x| as ordered int32
-        match = ok & ((bits & high_mask) == prefix)
-        counts += tl.histogram(tl.where(match, (bits >> SHIFT) & (NBINS - 1), NBINS), 2 * NBINS)
-    bins = tl.arange(0, 2 * NBINS)
-    tl.atomic_add(hist_ptr + segment * NBINS + bins, counts, mask=bins < NBINS)
+    idx = start + tl.arange(0, BLOCK)
+    ok = idx < stop
+    bits = tl.load(bits_ptr + idx, mask=ok, other=0) & 0x7FFFFFFF  # |x| as ordered int32
+    match = ok & ((bits & high_mask) == prefix)
+    counts = tl.histogram(tl.where(match, (bits >> SHIFT) & (NBINS - 1), 0), NBINS)
+    bins = tl.arange(0, NBINS)
+    misses = BLOCK - tl.sum(match.to(tl.int32), axis=0)  # entries that went to bin 0 without matching
+    tl.atomic_add(hist_ptr + segment * NBINS + bins, counts - tl.where(bins == 0, misses, 0))
 
 
-#: Radix digits (shift, width) over the 31 bits of |x|: 11 + 10 + 10.
-_DIGITS = ((20, 11), (10, 10), (0, 10))
-#: Entries per program (one program never spans two segments).
-TOPK_CHUNK = 1 << 16
+@triton.jit
+def _radix_digit_kernel(hist_ptr, need_ptr, prefix_ptr, all_ptr, none_ptr, cut_ptr, SHIFT: tl.constexpr,
+                        NBINS: tl.constexpr, LAST: tl.constexpr):
+    """One segment: the cut's digit = the largest bin whose count of entries at or above it reaches
+    ``need``; then ``need`` -= entries above that bin, the digit joins ``prefix``, the histogram row is
+    zeroed for the next digit, and after the last digit the cut is written as a float."""
+    s = tl.program_id(0)
+    bins = tl.arange(0, NBINS)
+    row = hist_ptr + s * NBINS
+    at_or_above = tl.cumsum(tl.load(row + (NBINS - 1 - bins)), axis=0)  # position i: bins >= NBINS-1-i
+    need = tl.load(need_ptr + s)
+    first = NBINS - tl.sum((at_or_above >= need).to(tl.int32), axis=0)  # first position reaching need
+    digit = NBINS - 1 - first  # -1 only when the segment has fewer than need entries (keep all)
+    above = tl.sum(tl.where(bins == first - 1, at_or_above, 0), axis=0)
+    tl.store(need_ptr + s, need - above)
+    prefix = tl.load(prefix_ptr + s) | (tl.maximum(digit, 0) << SHIFT)
+    tl.store(prefix_ptr + s, prefix)
+    tl.store(row + bins, tl.zeros([NBINS], dtype=tl.int32))
+    if LAST:
+        cut = prefix.to(tl.float32, bitcast=True)
+        cut = tl.where(tl.load(none_ptr + s) != 0, float("inf"), cut)
+        cut = tl.where(tl.load(all_ptr + s) != 0, float("-inf"), cut)
+        tl.store(cut_ptr + s, cut)
+
+
 _topk_plans: dict = {}
 
 
 def _topk_plan(device: torch.device, sizes: list[int], keeps: list[int]) -> dict:
-    """Chunk table and per-segment constants, built once per (device, sizes, keeps)."""
-    key = (device, tuple(sizes), tuple(keeps))
+    """Tile table and per-segment constants, built once per (device, sizes, keeps)."""
+    key = (device, TOPK_BLOCK, tuple(sizes), tuple(keeps))
     if key not in _topk_plans:
         starts, stops, segments, offset = [], [], [], 0
         for i, n in enumerate(sizes):
-            for start in range(offset, offset + n, TOPK_CHUNK):
+            for start in range(offset, offset + n, TOPK_BLOCK):
                 starts.append(start)
-                stops.append(min(start + TOPK_CHUNK, offset + n))
+                stops.append(min(start + TOPK_BLOCK, offset + n))
                 segments.append(i)
             offset += n
         as_tensor = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
         _topk_plans[key] = {"start": as_tensor(starts, torch.int64), "stop": as_tensor(stops, torch.int64),
                             "segment": as_tensor(segments, torch.int32),
-                            "need": as_tensor([k + 1 for k in keeps], torch.int64),
-                            "all": as_tensor([k >= n for k, n in zip(keeps, sizes)], torch.bool),
-                            "none": as_tensor([k <= 0 for k in keeps], torch.bool)}
+                            "need": as_tensor([k + 1 for k in keeps], torch.int32),
+                            "all": as_tensor([k >= n for k, n in zip(keeps, sizes)], torch.int8),
+                            "none": as_tensor([k <= 0 for k in keeps], torch.int8)}
     return _topk_plans[key]
 
 
 def topk_cutoffs(flat: torch.Tensor, sizes: list[int], keeps: list[int]) -> torch.Tensor:
     """``[S]`` cuts (the (keep+1)-th largest |x| per segment of ``flat``) by an exact radix select on the
-    bit patterns of |x| (ordered like the values): per digit, one histogram pass over all segments,
-    then the digit of the cut from the suffix sums of each segment's histogram. No sort, no host sync."""
+    bit patterns of |x| (ordered like the values): per 8-bit digit, one histogram pass over all segments
+    and one small kernel that picks each segment's digit. 8 launches, no sort, no host sync."""
     plan = _topk_plan(flat.device, sizes, keeps)
     bits = flat.contiguous().view(torch.int32)
     num_segments = len(sizes)
     prefix = torch.zeros(num_segments, dtype=torch.int32, device=flat.device)
-    need = plan["need"]
-    for shift, width in _DIGITS:
-        nbins = 1 << width
-        hist = torch.zeros(num_segments, nbins, dtype=torch.int32, device=flat.device)
+    need = plan["need"].clone()
+    hist = torch.zeros(num_segments, _NBINS, dtype=torch.int32, device=flat.device)
+    cuts = torch.empty(num_segments, dtype=torch.float32, device=flat.device)
+    for shift in _SHIFTS:
+        high_mask = -(1 << (shift + 8)) if shift + 8 < 32 else 0  # bits above this digit
         _radix_histogram_kernel[(plan["start"].numel(),)](bits, plan["start"], plan["stop"], plan["segment"], prefix,
-                                                          hist, -(1 << (shift + width)), SHIFT=shift, NBINS=nbins,
-                                                          BLOCK=2048, num_warps=8)
-        at_or_above = hist.flip(1).cumsum(1).flip(1)  # [S, nbins]: matching entries with this digit or higher
-        digit = (at_or_above >= need[:, None]).sum(1) - 1  # the cut's digit (-1 only when keep >= size)
-        above = at_or_above.gather(1, (digit + 1).clamp(max=nbins - 1)[:, None]).squeeze(1)
-        need = need - torch.where(digit + 1 < nbins, above, 0)
-        prefix = prefix | (digit.clamp(min=0) << shift).to(torch.int32)
-    cuts = prefix.view(torch.float32)
-    return torch.where(plan["all"], -math.inf, torch.where(plan["none"], math.inf, cuts))
+                                                          hist, high_mask, SHIFT=shift, NBINS=_NBINS,
+                                                          BLOCK=TOPK_BLOCK, num_warps=8)
+        _radix_digit_kernel[(num_segments,)](hist, need, prefix, plan["all"], plan["none"], cuts, SHIFT=shift,
+                                             NBINS=_NBINS, LAST=shift == 0, num_warps=4)
+    return cuts
