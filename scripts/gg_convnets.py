@@ -6,6 +6,7 @@ SplitFashionMNIST (5 × 2 classes, real data available offline; issue 5 acceptan
 SplitCIFAR100 (20 × 5; needs <root>/cifar-100-python/ — the paper: 250 epochs of 2,500 images, batch 128):
     .venv/bin/python scripts/gg_convnets.py --dataset cifar100 --data-root /data --nf 20 --batches 4883 \
         --batch-size 128 --multiplier 4 --device cuda
+On CUDA, SupSup's training step is a captured CUDA graph (``--no-cuda-graph``: eager, same steps).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from supsup.resnets import gem_resnet18
 
 def run(nf: int = 8, batches: int = 250, batch_size: int = 64, multiplier: float = 8, seed: int = 0,
         data_root=None, methods=("supsup", "transfer", "upper", "lower"), dataset: str = "fashion",
-        device: str = "cpu") -> list[dict]:
+        device: str = "cpu", cuda_graph: bool = True) -> list[dict]:
     if dataset == "fashion":
         stream, channels, outputs = SplitFashionMNIST(load_split_fashion(data_root, device)), 1, 2
     else:
         stream, channels, outputs = SplitCIFAR100(load_cifar100(data_root, device), seed=seed), 3, 5
-    gg = paper_gg_config(batches_per_task=batches, batch_size=batch_size)
+    gg = paper_gg_config(batches_per_task=batches, batch_size=batch_size, cuda_graph=cuda_graph)
     dense = TrainConfig(optimizer="adam", lr=1e-3, cosine=True, batch_size=batch_size, batches_per_task=batches)
     build = lambda: gem_resnet18(output_size=outputs, in_channels=channels, nf=nf)  # noqa: E731
     results = []
@@ -73,7 +74,8 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None)
     p.add_argument("--methods", default="supsup,transfer,upper,lower")
+    p.add_argument("--no-cuda-graph", action="store_true", help="train SupSup eagerly on CUDA (default: CUDA graph)")
     a = p.parse_args()
     res = run(a.nf, a.batches, a.batch_size, a.multiplier, a.seed, a.data_root, tuple(a.methods.split(",")), a.dataset,
-              a.device)
+              a.device, not a.no_cuda_graph)
     print(markdown(res))
