@@ -60,8 +60,8 @@ def topk_keep_many(scores: Sequence[torch.Tensor], densities: Sequence[float]) -
     ``scores[i]``: ``[K_i, *shape_i]``; each of its K_i rows keeps its own ``kept_count(numel(shape_i),
     densities[i])`` entries of largest |s| (sign ignored). The cut is ``|s| > c`` with c the (keep+1)-th
     largest |s| of the row, so ties at the cut are dropped. Returns bool masks shaped like ``scores``.
-    On CUDA one Triton radix select finds every row's cut (3 passes over all scores together, no host
-    sync, safe inside a CUDA graph); elsewhere one ``kthvalue`` per row.
+    On CUDA one Triton radix select finds every row's cut (four passes over all scores together, no host
+    sync, safe inside a CUDA graph); elsewhere one ``kthvalue`` per tensor.
     """
     from supsup import kernels  # kernels import this module
 

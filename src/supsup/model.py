@@ -107,7 +107,10 @@ class SupermaskModel(nn.Module):
         for layer in layers:
             layer.route = route
         trained = set(self.training_tasks)
-        uses_training = route in trained if isinstance(route, int) else isinstance(route, list) and bool(trained & set(route))
+        if isinstance(route, int):
+            uses_training = route in trained
+        else:
+            uses_training = isinstance(route, list) and bool(trained & set(route))
         selecting = [m for m in self.mask_layers() if m.rule == "topk" and m.scores is not None] if uses_training else []
         if selecting:
             keeps = topk_keep_many([m.scores for m in selecting], [m.density for m in selecting])

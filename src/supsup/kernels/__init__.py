@@ -1,11 +1,13 @@
 """Kernels on bit-packed masks ``packed [k, R] uint8`` (R = ⌈P/8⌉, bit i of byte j = weight 8j + i).
 
-Three operations, each with one signature and several backends:
+Four operations, each with one signature and several backends:
 
 - ``contract(packed, g)``: ``[k] = M @ g`` for ``g [P]`` (or ``[n, k]`` for ``g [n, P]``): the α-gradient
   ∂L/∂α_i = ⟨M_i, ∂L/∂W_eff ⊙ W⟩, read straight from the bits;
 - ``superpose(packed, alpha, P)``: ``[P] = Σ_i α_i M_i`` for ``alpha [k]`` (or ``[n, P]`` for ``[n, k]``);
-- ``unpack(packed, P, weight=None)``: ``[c, P]`` float masks of a few rows, times ``weight`` if given.
+- ``unpack(packed, P, weight=None)``: ``[c, P]`` float masks of a few rows, times ``weight`` if given;
+- ``topk_cutoffs(rows, keeps)``: the cut of every top-k selection (training masks of all layers at once),
+  by a batched radix select in Triton, or one ``kthvalue`` per tensor elsewhere.
 
 Backends: ``triton`` (CUDA tensors, when Triton imports), ``native`` (CPU, a small C library built on
 first use, see ``native.py``) and ``torch`` (any device: unpack chunks of rows to float and use a matmul;
