@@ -126,3 +126,45 @@ def test_split_cifar100_end_to_end_gg(cifar_root):
     assert result.bytes_stored == 2 * model.bytes_per_task() + 2 * 2 * bn_channels * 4  # masks + BN mean/var
     lb = lower_bound(lambda: gem_resnet18(5, nf=4), stream, paper_gg_config(batches_per_task=2, batch_size=5), num_tasks=2)
     assert len(lb.at_end) == 2
+
+
+def _python2_pickle(raw: bytes) -> bytes:
+    """A protocol-2 pickle as Python 2 wrote CIFAR (str keys and array bytes as BINSTRING), by hand."""
+    def s(b: bytes) -> bytes:  # SHORT_BINSTRING
+        return b"U" + bytes([len(b)]) + b
+    dtype = b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R"
+             + b"(K\x01K\x02K\x03\x86" + dtype + b"\x89" + s(raw) + b"tb")
+    return b"\x80\x02}(" + s(b"data") + array + s(b"fine_labels") + b"](K\x05K\x07eu."
+
+
+@pytest.mark.parametrize("python", [2, 3])
+def test_reader_gives_what_pickle_gives_without_the_pickle_module(tmp_path, python):
+    from supsup.data.cifar import read_pickle
+
+    raw = bytes(range(6))
+    if python == 2:
+        data = _python2_pickle(raw)
+    else:
+        data = pickle.dumps({b"data": np.frombuffer(raw, np.uint8).reshape(2, 3), b"fine_labels": [5, 7],
+                             b"batch_label": b"b", b"names": ["é", b"x"], b"flag": True}, protocol=2)
+    (tmp_path / "f").write_bytes(data)
+    got, want = read_pickle(tmp_path / "f"), pickle.loads(data, encoding="bytes")
+    assert got.keys() == want.keys()
+    for key in want:
+        if isinstance(want[key], np.ndarray):
+            assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key])
+        else:
+            assert got[key] == want[key]
+    assert np.array_equal(got[b"data"], [[0, 1, 2], [3, 4, 5]])
+
+
+def test_reader_refuses_other_opcodes_and_truncated_files(tmp_path):
+    from supsup.data.cifar import read_pickle
+
+    (tmp_path / "obj").write_bytes(pickle.dumps({b"x": {1, 2}}, protocol=2))  # a set: not in the format
+    with pytest.raises(DataError, match="refusing to unpickle|not part of the CIFAR format"):
+        read_pickle(tmp_path / "obj")
+    (tmp_path / "cut").write_bytes(pickle.dumps({b"x": [1, 2]}, protocol=2)[:-1])
+    with pytest.raises((DataError, ValueError)):
+        read_pickle(tmp_path / "cut")

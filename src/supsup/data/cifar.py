@@ -2,13 +2,14 @@
 
 CIFAR cannot be fetched here: the files must already be under the data root, as
 ``<root>/cifar-100-python/{train,test,meta}`` (the extracted ``cifar-100-python.tar.gz``), or the archive
-itself as ``<root>/cifar-100-python.tar.gz``. Every file is checked by md5 **before** it is unpickled, and
-unpickling is restricted to the few numpy globals the format needs.
+itself as ``<root>/cifar-100-python.tar.gz``. Every file is checked by md5 **before** it is read, and it
+is read without the ``pickle`` module: opcodes are parsed (``pickletools``) and only plain values and
+numpy arrays are built (``read_pickle``).
 """
 
 from __future__ import annotations
 
-import pickle
+import pickletools
 import tarfile
 from pathlib import Path
 
@@ -26,23 +27,108 @@ MD5 = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7f
 #: Normalisation used by the paper's SplitCIFAR100 runs (the CIFAR-10 constants, per spec §3.2).
 MEAN, STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
 
-_ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+class _ArrayStub:
+    """``numpy.core.multiarray._reconstruct(ndarray, ...)``: the array is made when BUILD gives its state."""
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Only the globals a CIFAR pickle (dicts of lists, bytes and numpy arrays) needs."""
+def _call(function: tuple[str, str], args: tuple):
+    """The only calls a CIFAR pickle makes (to rebuild bytes, dtypes and arrays); anything else is refused."""
+    module, name = function
+    if (module, name) == ("_codecs", "encode") and len(args) == 2 and args[1] in ("latin1", "latin-1"):
+        return args[0].encode("latin-1")  # Python 3's protocol-2 spelling of bytes
+    if (module, name) == ("numpy", "dtype"):
+        spec = args[0].decode() if isinstance(args[0], bytes) else args[0]
+        return np.dtype(spec)
+    if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        return _ArrayStub()
+    raise DataError(f"refusing to unpickle {module}.{name}: not part of the CIFAR format")
 
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise DataError(f"refusing to unpickle {module}.{name}: not part of the CIFAR format")
+
+def _build(obj, state):
+    """BUILD: an array's (version, shape, dtype, fortran, raw bytes), or a dtype's byte order."""
+    if isinstance(obj, _ArrayStub):
+        _, shape, dtype, fortran, raw = state
+        return np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
+    if isinstance(obj, np.dtype):
+        return obj.newbyteorder(state[1]) if state[1] in ("<", ">") else obj
+    raise DataError(f"refusing to unpickle: BUILD on {type(obj).__name__} is not part of the CIFAR format")
 
 
 def read_pickle(path: Path) -> dict:
-    """Unpickle a CIFAR file (Python 2 protocol, keys as bytes) with the restricted unpickler."""
+    """Read a CIFAR file (a protocol-2 pickle of dicts, lists, bytes, ints and numpy arrays; keys as bytes).
+
+    The ``pickle`` module is never used: ``pickletools.genops`` only parses opcodes, and this small stack
+    machine builds plain values, calling nothing but bytes encoding, ``numpy.dtype`` and ``numpy.frombuffer``."""
+    stack: list = []
+    marks: list[int] = []
+    memo: dict[int, object] = {}
+
+    def pop_mark() -> list:
+        items = stack[marks[-1]:]
+        del stack[marks.pop():]
+        return items
+
     with open(path, "rb") as f:
-        return _RestrictedUnpickler(f, encoding="bytes").load()
+        for op, arg, _ in pickletools.genops(f):
+            name = op.name
+            if name in ("PROTO", "FRAME"):
+                continue
+            if name == "STOP":
+                return stack.pop()
+            if name == "MARK":
+                marks.append(len(stack))
+            elif name in ("BINSTRING", "SHORT_BINSTRING"):
+                stack.append(arg.encode("latin-1"))  # a Python 2 str: bytes, as with encoding="bytes"
+            elif name in ("BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE", "SHORT_BINUNICODE",
+                          "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"):
+                stack.append(arg)
+            elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
+                stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
+            elif name == "EMPTY_DICT":
+                stack.append({})
+            elif name == "EMPTY_LIST":
+                stack.append([])
+            elif name == "EMPTY_TUPLE":
+                stack.append(())
+            elif name == "TUPLE":
+                stack.append(tuple(pop_mark()))
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                size = int(name[-1])
+                items = tuple(stack[-size:])
+                del stack[-size:]
+                stack.append(items)
+            elif name == "APPEND":
+                value = stack.pop()
+                stack[-1].append(value)
+            elif name == "APPENDS":
+                items = pop_mark()
+                stack[-1].extend(items)
+            elif name == "SETITEM":
+                value, key = stack.pop(), stack.pop()
+                stack[-1][key] = value
+            elif name == "SETITEMS":
+                items = pop_mark()
+                stack[-1].update(zip(items[::2], items[1::2]))
+            elif name in ("BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif name == "GLOBAL":
+                stack.append(tuple(arg.split(" ", 1)))
+            elif name == "STACK_GLOBAL":
+                qualname, module = stack.pop(), stack.pop()
+                stack.append((module, qualname))
+            elif name == "REDUCE":
+                args, function = stack.pop(), stack.pop()
+                stack.append(_call(function, args))
+            elif name == "BUILD":
+                state = stack.pop()
+                stack.append(_build(stack.pop(), state))
+            else:
+                raise DataError(f"{path}: pickle opcode {name} is not part of the CIFAR format")
+    raise DataError(f"{path}: truncated pickle (no STOP opcode)")
 
 
 def _missing_message(folder: Path) -> str:
