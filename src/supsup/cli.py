@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from supsup.evaluation import SCENARIOS
+from supsup.inference import GRANULARITIES, METHODS, OBJECTIVES
 from supsup.presets import PRESETS, RunConfig, get_preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -22,33 +24,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 
 
-class Model(str, Enum):
-    fc1024 = "fc1024"
-    lenet = "lenet"
+def _choices(name: str, values) -> type[Enum]:
+    """A CLI choice type whose values are the library's own constants (one source of truth)."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class Scenario(str, Enum):
-    GG = "GG"
-    GNs = "GNs"
-    GNu = "GNu"
-    NNs = "NNs"
-
-
-class Method(str, Enum):
-    oneshot = "oneshot"
-    binary = "binary"
-    gradient = "gradient"
-
-
-class Objective(str, Enum):
-    entropy = "entropy"
-    g = "g"
-
-
-class Granularity(str, Enum):
-    image = "image"
-    batch = "batch"
-    sample = "sample"
+Model = _choices("Model", ("fc1024", "lenet"))
+Scenario = _choices("Scenario", (*SCENARIOS, "NNs"))
+Method = _choices("Method", METHODS)
+Objective = _choices("Objective", OBJECTIVES)
+Granularity = _choices("Granularity", GRANULARITIES)
 
 
 DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="Data root (default: $SUPSUP_DATA or ~/.cache/supsup).")]
