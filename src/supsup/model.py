@@ -103,15 +103,16 @@ class SupermaskModel(nn.Module):
 
         When the route uses tasks being trained, the top-k masks of every top-k layer are selected
         together first (one batched selection instead of one per layer)."""
-        layers = self.mask_layers() + self.norm_layers()
+        masked = self.mask_layers()
+        layers = masked + self.norm_layers()
         for layer in layers:
             layer.route = route
-        trained = set(self.training_tasks)
+        trained = set(masked[0].training_tasks)
         if isinstance(route, int):
             uses_training = route in trained
         else:
             uses_training = isinstance(route, list) and bool(trained & set(route))
-        selecting = [m for m in self.mask_layers() if m.rule == "topk" and m.scores is not None] if uses_training else []
+        selecting = [m for m in masked if m.rule == "topk" and m.scores is not None] if uses_training else []
         if selecting:
             keeps = topk_keep_many([m.scores for m in selecting], [m.density for m in selecting])
             for layer, keep in zip(selecting, keeps):
