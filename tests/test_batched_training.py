@@ -1,9 +1,11 @@
 """Training K tasks at once (one bmm / grouped conv over the K tasks' stacked batches) learns the same
 masks as training them one after another with the same seeds.
 
-Tolerance: the batched step sums the same products in a different order (bmm vs mm, grouped vs plain
-conv), so scores may differ by float rounding; a mask bit can only flip where a score sits within that
-rounding of its threshold. We allow at most 0.01% of the bits to differ (in practice: none)."""
+On one thread the batched and the one-by-one step sum the same products in the same order, so the masks
+are equal bit for bit. On several threads the summation order differs (bmm vs mm, grouped vs plain conv),
+and RMSprop and Adam divide each gradient by its own running magnitude, so a rounding-level difference in a
+near-zero gradient becomes a full-size step: measured on 2 threads, 0.09% of the bits (LeNet, RMSprop),
+0.08% (Adam), 0 (SGD). Hence the test runs on one thread and asserts equality."""
 
 import pytest
 import torch
@@ -14,8 +16,6 @@ from supsup.data.idx import ImageDataset
 from supsup.data.streams import PermutedMNIST
 from supsup.learners import TrainConfig, train_task_group
 from supsup.model import SupermaskModel
-
-MAX_DIFFERENT_BITS = 1e-4
 
 
 def synthetic_mnist(train: int = 256, test: int = 32) -> ImageDataset:
@@ -48,7 +48,6 @@ def learned_masks(model: SupermaskModel) -> list[torch.Tensor]:
     return [layer.bank.packed.clone() for layer in model.mask_layers()]
 
 
-
 def _bit_differences(a: torch.Tensor, b: torch.Tensor) -> int:
     x = (a ^ b).to(torch.int64)
     return int(sum(((x >> i) & 1).sum() for i in range(8)))
@@ -59,7 +58,7 @@ def differing_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("name, tasks_at_once", [("lenet-threshold", 3), ("lenet-threshold", 2), ("conv-topk", 3)])
-def test_batched_training_learns_the_same_masks_as_one_task_at_a_time(name, tasks_at_once):
+def test_batched_training_learns_the_same_masks_as_one_task_at_a_time(name, tasks_at_once, one_thread):
     stream = PermutedMNIST(synthetic_mnist(), 3, seed=1)
     common = dict(optimizer="rmsprop", lr=1e-3, batch_size=16, batches_per_task=8)
 
@@ -74,6 +73,6 @@ def test_batched_training_learns_the_same_masks_as_one_task_at_a_time(name, task
     untrained.begin_tasks(3)
     untrained.end_tasks()
 
-    assert differing_bits(learned_masks(sequential), learned_masks(batched)) <= MAX_DIFFERENT_BITS
+    assert differing_bits(learned_masks(sequential), learned_masks(batched)) == 0
     # and training did change the masks, so the comparison means something
     assert differing_bits(learned_masks(sequential), learned_masks(untrained)) > 0.01
