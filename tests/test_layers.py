@@ -83,10 +83,9 @@ def test_conversion_of_an_ordinary_module_keeps_shapes_and_drops_biases():
     assert len(convs) == 1 and convs[0].weight.shape == (4, 1, 3, 3)
     assert len(model.mask_layers()) == 2 and len(model.norm_layers()) == 1
     model.begin_tasks(2)
+    model.train()  # tasks in training: BN uses batch statistics, per chunk when stacked
     x = torch.randn(6, 1, 8, 8)
     stacked = model(x, [0, 1])  # batched: first 3 samples task 0, last 3 task 1
-    model.end_tasks()
-    model.train()  # BN uses batch statistics in both calls
     assert torch.allclose(stacked[:3], model(x[:3], 0), atol=1e-5)
     assert torch.allclose(stacked[3:], model(x[3:], 1), atol=1e-5)
     with pytest.raises(ValueError, match="no Linear or Conv2d"):

@@ -1,7 +1,9 @@
 """The mask bank: every frozen mask of one layer, bit-packed, one row per learned task.
 
 Storage is ``[k, ⌈P/8⌉] uint8`` (1 bit per weight) in a growable buffer, plus the running
-sum of masks ``[P] float32`` so that the uniform superposition (the mean mask) costs nothing.
+count of masks per weight ``[P] int32`` so that the uniform superposition (the mean mask) costs nothing.
+``state_dict()`` holds the learned rows as ``packed [k, ⌈P/8⌉] uint8``; ``load_state_dict`` grows the
+bank to the rows it finds and recounts (so ``torch.save(model.state_dict())`` keeps every task).
 Superposition and its α-gradient are computed straight from the packed bits by ``supsup.kernels``
 (C on the CPU, Triton on the GPU, chunked torch elsewhere), never through a float ``[k, P]`` tensor.
 Memory per task is ⌈P/8⌉ bytes; the buffer grows by doubling (``reserve`` pre-sizes it).
@@ -21,7 +23,8 @@ from supsup.masks import pack_bits, packed_size, unpack_bits
 class MaskBank(nn.Module):
     """Frozen binary masks of one layer with weight shape ``shape``; row t is task t.
 
-    A module only so that ``.to(device)`` moves it with its layer; checkpoints store ``packed``.
+    A module so that ``.to(device)`` moves it with its layer and ``state_dict()`` carries ``packed``.
+    The count is an integer buffer, so ``.to(torch.bfloat16)`` leaves it exact.
     """
 
     def __init__(self, shape: torch.Size | tuple[int, ...], device: torch.device | str | None = None,
@@ -32,7 +35,7 @@ class MaskBank(nn.Module):
         self.row_bytes = packed_size(self.num_weights)
         self.register_buffer("_packed", torch.zeros(max(capacity, 1), self.row_bytes, dtype=torch.uint8,
                                                     device=device), persistent=False)
-        self.register_buffer("mask_sum", torch.zeros(self.num_weights, dtype=torch.float32, device=device),
+        self.register_buffer("mask_sum", torch.zeros(self.num_weights, dtype=torch.int32, device=device),
                              persistent=False)
         self.num_tasks = 0
         self.version = 0  # bumped on every change of the stored masks (add, replace, load)
@@ -85,7 +88,7 @@ class MaskBank(nn.Module):
         first = self.num_tasks
         self._reserve(first + flat.shape[0])
         self._packed[first : first + flat.shape[0]] = pack_bits(flat)
-        self.mask_sum += flat.sum(0, dtype=torch.float32)
+        self.mask_sum += flat.sum(0, dtype=torch.int32)
         self.num_tasks += flat.shape[0]
         self.version += 1
         return list(range(first, self.num_tasks))
@@ -97,7 +100,7 @@ class MaskBank(nn.Module):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(self.shape)}")
         new = mask.reshape(-1).to(device=self.device, dtype=torch.bool)
         old = kernels.unpack(self._packed[task : task + 1], self.num_weights)[0]
-        self.mask_sum += new.float() - old
+        self.mask_sum += new.int() - old.int()
         self._packed[task] = pack_bits(new)
         self.version += 1
 
@@ -118,7 +121,27 @@ class MaskBank(nn.Module):
             self.mask_sum.zero_()
             return
         ones = torch.ones(self.num_tasks, dtype=torch.float32, device=self.device)
-        self.mask_sum.copy_(kernels.superpose(self.packed, ones, self.num_weights))
+        self.mask_sum.copy_(kernels.superpose(self.packed, ones, self.num_weights).round().int())  # exact below 2^24 tasks
+
+    # ------------------------------------------------------------------- state
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "packed"] = self.packed if keep_vars else self.packed.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "packed"
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k != key)
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        packed = state_dict[key]
+        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2 \
+                or packed.shape[1] != self.row_bytes:
+            got = f"{tuple(packed.shape)} {packed.dtype}" if isinstance(packed, torch.Tensor) else type(packed).__name__
+            error_msgs.append(f"{key}: expected packed masks [k, {self.row_bytes}] uint8 for weight shape "
+                              f"{tuple(self.shape)}, got {got}")
+            return
+        self.load_packed(packed)
 
     # ----------------------------------------------------------------- reading
     def _check_task(self, task: int) -> None:
@@ -155,10 +178,10 @@ class MaskBank(nn.Module):
 
     # ----------------------------------------------------------- superposition
     def mean_mask(self) -> torch.Tensor:
-        """Σ_i M_i / k as ``[*shape] float32`` (the uniform-α superposition), from the running sum."""
+        """Σ_i M_i / k as ``[*shape] float32`` (the uniform-α superposition), from the running count."""
         if self.num_tasks == 0:
             raise RuntimeError("the mask bank is empty: learn a task first")
-        return (self.mask_sum / self.num_tasks).view(self.shape)
+        return (self.mask_sum.float() / self.num_tasks).view(self.shape)
 
     def superpose(self, alpha: torch.Tensor) -> torch.Tensor:
         """Σ_i α_i M_i for ``alpha [k]`` -> ``[*shape] float32``."""

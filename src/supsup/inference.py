@@ -116,14 +116,23 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, how: Inference = Inferen
     """Inferred task ids: a 0-dim tensor for ``image``/``batch`` granularity, ``[B]`` for ``sample``.
 
     Only learned tasks compete (unlearned slots never win). ``x`` is a batch; with ``image``
-    granularity only its first image is used.
+    granularity only its first image is used. An empty batch gives ``[0]`` ids per sample and is an
+    error otherwise; non-finite inputs are an error (they would make every gradient NaN and pick task 0).
     """
     k = model.num_tasks
     if k == 0:
         raise RuntimeError("no task is learned yet: nothing to infer")
+    per_sample = how.granularity == "sample"
+    if x.shape[0] == 0:
+        if per_sample:
+            return torch.zeros(0, dtype=torch.long, device=x.device)
+        raise ValueError(f"cannot infer a task from an empty batch (granularity {how.granularity!r})")
     if how.granularity == "image":
         x = x[:1]
-    per_sample = how.granularity == "sample"
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"input has NaN or infinite values (samples {bad[:10]}{' ...' if len(bad) > 10 else ''}): "
+                         f"no task can be inferred from them")
     if k == 1:
         return torch.zeros(x.shape[0] if per_sample else (), dtype=torch.long, device=x.device)
     if how.method == "oneshot":

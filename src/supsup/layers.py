@@ -62,14 +62,19 @@ class SupermaskLayer(nn.Module):
             raise ValueError(f"the topk rule needs a density in (0, 1], got {density}")
         self.seed, self.fan_in, self.rule, self.density = seed, fan_in, rule, density
         self.register_buffer("weight", signed_kaiming_constant(shape, fan_in, seed), persistent=False)
+        # state_dict: the seed (checked on load, so masks never land on other base weights), the bank's
+        # packed masks, and, while tasks train, their scores [K, *shape] and ids [K]
+        self.register_buffer("weight_seed", torch.tensor(seed, dtype=torch.int64))
         self.bank = MaskBank(shape)
         self.scores: nn.Parameter | None = None
+        self.register_buffer("training_ids", torch.zeros(0, dtype=torch.int64))
         self.training_tasks: list[int] = []
         self.route: Route = None
         # top-k rule: bool masks [K, *shape] of the trained tasks, selected for all layers at once by the
         # owning model for the duration of one forward (None: the layer selects its own)
         self.training_keep: torch.Tensor | None = None
-        self._cached: tuple[int, int, torch.Tensor] | None = None  # (task, bank version, W ⊙ M_task)
+        # (task, bank version, weight dtype, weight device) -> W ⊙ M_task of the last learned task used
+        self._cached: tuple[tuple, torch.Tensor] | None = None
 
     # ------------------------------------------------------------- task life
     @property
@@ -86,7 +91,39 @@ class SupermaskLayer(nn.Module):
                     for t in task_ids]
             init_scores = torch.stack(rows)
         self.scores = nn.Parameter(init_scores.to(self.weight.device, torch.float32).clone())
-        self.training_tasks = list(task_ids)
+        self._set_training(list(task_ids))
+
+    def _set_training(self, task_ids: list[int]) -> None:
+        self.training_tasks = task_ids
+        self.training_ids = torch.tensor(task_ids, dtype=torch.int64, device=self.training_ids.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Adopt the saved tasks in training (scores and ids, any K) and refuse another base-weight seed."""
+        seed = state_dict.get(prefix + "weight_seed")
+        if seed is not None and int(seed) != self.seed:
+            error_msgs.append(f"{prefix}weight_seed: saved with base-weight seed {int(seed)}, this layer's is "
+                              f"{self.seed} (a model built with another seed)")
+            return
+        scores, ids = state_dict.get(prefix + "scores"), state_dict.get(prefix + "training_ids")
+        if (scores is None) != (ids is None or ids.numel() == 0):
+            error_msgs.append(f"{prefix}scores / {prefix}training_ids: scores and ids of the tasks in training "
+                              f"must come together")
+            return
+        if scores is None:
+            self.scores = None
+            self.training_ids = self.training_ids.new_zeros(0)
+        else:
+            if tuple(scores.shape) != (ids.numel(), *self.weight.shape):
+                error_msgs.append(f"{prefix}scores: expected [{ids.numel()}, {', '.join(map(str, self.weight.shape))}] "
+                                  f"for {ids.numel()} tasks in training, got {list(scores.shape)}")
+                return
+            self.scores = nn.Parameter(torch.empty(scores.shape, device=self.weight.device))
+            self.training_ids = self.training_ids.new_zeros(ids.numel())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.training_tasks = self.training_ids.tolist()
+        self._cached = None
 
     def training_weights(self) -> torch.Tensor:
         """Effective weights ``W ⊙ M`` ``[K, *shape]`` of the tasks being trained; the gradient reaches the
@@ -118,7 +155,7 @@ class SupermaskLayer(nn.Module):
             else:
                 raise RuntimeError(f"task {task} cannot be added after {self.bank.num_tasks} learned tasks")
         self.scores = None
-        self.training_tasks = []
+        self._set_training([])
         self._cached = None
 
     # ------------------------------------------------------------------ masks
@@ -126,11 +163,16 @@ class SupermaskLayer(nn.Module):
         if task in self.training_tasks:
             weights = self.training_weights()
             return weights.squeeze(0) if weights.shape[0] == 1 else weights[self.training_tasks.index(task)]
-        if self._cached is not None and self._cached[:2] == (task, self.bank.version):
-            return self._cached[2]
+        key = (task, self.bank.version, self.weight.dtype, self.weight.device)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
         effective = self.weight * self.bank.mask(task, self.weight.dtype)
-        self._cached = (task, self.bank.version, effective)
+        self._cached = (key, effective)
         return effective
+
+    def mean_weight(self) -> torch.Tensor:
+        """``W ⊙ mean mask`` ``[*shape]`` in the weight's dtype: the uniform superposition's weight."""
+        return self.weight * self.bank.mean_mask().to(self.weight.dtype)
 
     def _stacked_weights(self, tasks: list[int]) -> torch.Tensor:
         """``[K, *shape]`` effective weights of a list of tasks (trained or learned)."""
@@ -156,7 +198,8 @@ class SupermaskLayer(nn.Module):
                 raise RuntimeError("superposition needs at least one learned task")
             if route.per_sample:
                 return _PerSampleSuperpose.apply(x, route.alpha, self, route.uniform)
-            return self._forward_with(x, self.weight * _Superpose.apply(route.alpha, self.bank, route.uniform))
+            mix = _Superpose.apply(route.alpha, self.bank, route.uniform)
+            return self._forward_with(x, self.weight * mix.to(self.weight.dtype))
         if isinstance(route, list):
             for t in route:
                 self._check_task(t)
@@ -188,7 +231,7 @@ class _Superpose(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_mix: torch.Tensor):
-        return ctx.bank.contract(grad_mix), None, None
+        return ctx.bank.contract(grad_mix.float()), None, None
 
 
 #: Largest B·P (floats) for which per-sample superposition materialises per-sample weights ``[B, P]``.
@@ -211,8 +254,8 @@ class _PerSampleSuperpose(torch.autograd.Function):
     def _per_sample_weights(layer: SupermaskLayer, alpha: torch.Tensor, uniform: bool) -> torch.Tensor:
         bank = layer.bank
         if uniform:
-            return (layer.weight * bank.mean_mask()).expand(alpha.shape[0], *bank.shape)
-        return layer.weight * bank.superpose_many(alpha)
+            return layer.mean_weight().expand(alpha.shape[0], *bank.shape)
+        return layer.weight * bank.superpose_many(alpha).to(layer.weight.dtype)
 
     @staticmethod
     def forward(ctx, x, alpha, layer: SupermaskLayer, uniform: bool):
@@ -221,7 +264,7 @@ class _PerSampleSuperpose(torch.autograd.Function):
         bank = layer.bank
         ctx.direct = x.shape[0] * bank.num_weights <= PER_SAMPLE_WEIGHT_BUDGET
         if uniform:
-            return layer._forward_with(x, layer.weight * bank.mean_mask())
+            return layer._forward_with(x, layer.mean_weight())
         if ctx.direct:
             return layer._stacked_forward(x, _PerSampleSuperpose._per_sample_weights(layer, alpha, False))
         out = None
@@ -261,7 +304,7 @@ class _PerSampleSuperpose(torch.autograd.Function):
         if want_x and ctx.uniform:
             xr = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                y = layer._forward_with(xr, layer.weight * bank.mean_mask())
+                y = layer._forward_with(xr, layer.mean_weight())
                 grad_x = torch.autograd.grad(y, xr, grad_out)[0]
         return grad_x, grad_alpha, None, None
 
@@ -346,8 +389,15 @@ class SupermaskConv2d(SupermaskLayer):
 class MultitaskBatchNorm(nn.Module):
     """Non-affine BatchNorm with running statistics kept per task (``[T, C]``), growable.
 
-    Follows the owning model's route: a task id uses that task's statistics; stacked tasks use
-    each chunk's own; a superposition uses batch statistics.
+    Follows the owning model's route:
+    - a task id uses that task's statistics, stacked tasks each chunk's own. In train mode only the tasks
+      in ``updating`` (set by the model: the tasks being trained) normalise with batch statistics and update
+      their running ones; every other task is frozen and normalises with its stored statistics, in train
+      and eval mode alike. ``updating=None`` (standalone use, e.g. the baselines) lets every task update.
+    - a superposition with α over the k learned tasks uses the α-mixture of their statistics:
+      mean = Σ α_i μ_i, var = Σ α_i (σ²_i + μ_i²) − mean², per sample for per-sample α. It needs no batch
+      statistics (one image works) and one sample never affects another.
+    ``state_dict()`` holds ``running_mean`` / ``running_var`` ``[T, C]``; loading grows the table to T.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
@@ -356,6 +406,7 @@ class MultitaskBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(0, num_features))
         self.register_buffer("running_var", torch.ones(0, num_features))
         self.route: Route = None
+        self.updating: set[int] | None = None
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, tasks={self.running_mean.shape[0]}, affine=False, per-task statistics"
@@ -367,15 +418,40 @@ class MultitaskBatchNorm(nn.Module):
             self.running_mean = torch.cat([self.running_mean, torch.zeros(num_tasks - have, self.num_features, device=dev)])
             self.running_var = torch.cat([self.running_var, torch.ones(num_tasks - have, self.num_features, device=dev)])
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Grow (or shrink) the table to the saved number of tasks, then copy as usual."""
+        mean = state_dict.get(prefix + "running_mean")
+        if isinstance(mean, torch.Tensor) and mean.dim() == 2 and mean.shape[1] == self.num_features:
+            rows, dev = mean.shape[0], self.running_mean.device
+            self.running_mean = torch.zeros(rows, self.num_features, device=dev)
+            self.running_var = torch.ones(rows, self.num_features, device=dev)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _norm(self, x: torch.Tensor, task: int) -> torch.Tensor:
         if not 0 <= task < self.running_mean.shape[0]:
             raise IndexError(f"BatchNorm has statistics for tasks 0..{self.running_mean.shape[0] - 1}, not {task}")
-        return F.batch_norm(x, self.running_mean[task], self.running_var[task], None, None, self.training,
+        update = self.training and (self.updating is None or task in self.updating)
+        return F.batch_norm(x, self.running_mean[task], self.running_var[task], None, None, update,
                             self.momentum, self.eps)
+
+    def _superposed(self, x: torch.Tensor, route: Superposition) -> torch.Tensor:
+        k = route.alpha.shape[-1]
+        if k > self.running_mean.shape[0]:
+            raise IndexError(f"BatchNorm has statistics for {self.running_mean.shape[0]} tasks, alpha mixes {k}")
+        means, variances = self.running_mean[:k], self.running_var[:k]
+        alpha = route.alpha.to(means.dtype)
+        mean = alpha @ means  # [C] or [B, C]
+        var = (alpha @ (variances + means * means) - mean * mean).clamp_min(0)
+        shape = (-1 if route.per_sample else 1, self.num_features, *([1] * (x.dim() - 2)))
+        return ((x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
-        if isinstance(route, Superposition) or route is None:
+        if isinstance(route, Superposition):
+            return self._superposed(x, route)
+        if route is None:
             return F.batch_norm(x, None, None, None, None, True, 0.0, self.eps)
         if isinstance(route, list):
             chunks = x.chunk(len(route))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,6 +21,11 @@ class SupermaskModel(nn.Module):
     - ``int``: that task for the whole batch; ``list[int]`` of K ids: the batch is K stacked equal chunks;
     - ``torch.Tensor [B]`` of ids: each sample with its own task (grouped internally);
     - ``Superposition``: the α-mix of all learned masks (task inference).
+
+    Learned tasks are frozen: no forward changes their masks or BatchNorm statistics, in train or eval
+    mode. ``state_dict()`` holds everything learned (packed masks, per-task BatchNorm statistics, the
+    scores of tasks in training, each layer's base-weight seed); ``load_state_dict`` into a freshly
+    built model of the same architecture and seed grows its banks and restores every task.
     """
 
     def __init__(self, net: nn.Module, *, seed: int, rule: str = "threshold",
@@ -32,6 +38,28 @@ class SupermaskModel(nn.Module):
         self.num_classes = num_classes
         if not self.mask_layers():
             raise ValueError("the network has no Linear or Conv2d layer to put supermasks on")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, then a check that every layer holds the same tasks and every
+        BatchNorm their statistics (a partial state would silently mix tasks)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if not (result.missing_keys or result.unexpected_keys):
+            self._check_consistent()
+        return result
+
+    def _check_consistent(self) -> None:
+        model = self
+        layers = model.mask_layers()
+        counts = {layer.num_learned for layer in layers}
+        training = {tuple(layer.training_tasks) for layer in layers}
+        if len(counts) > 1 or len(training) > 1:
+            raise RuntimeError(f"inconsistent state: the masked layers hold {sorted(counts)} learned tasks and "
+                               f"tasks in training {sorted(training)}; every layer must hold the same tasks")
+        needed = max([model.num_tasks, *[t + 1 for t in model.training_tasks]])
+        for name, norm in model.named_modules():
+            if isinstance(norm, MultitaskBatchNorm) and norm.running_mean.shape[0] < needed:
+                raise RuntimeError(f"inconsistent state: {name} has BatchNorm statistics for "
+                                   f"{norm.running_mean.shape[0]} tasks, the masks for {needed}")
 
     # ------------------------------------------------------------------ parts
     def mask_layers(self) -> list[SupermaskLayer]:
@@ -104,10 +132,13 @@ class SupermaskModel(nn.Module):
         When the route uses tasks being trained, the top-k masks of every top-k layer are selected
         together first (one batched selection instead of one per layer)."""
         masked = self.mask_layers()
-        layers = masked + self.norm_layers()
+        norms = self.norm_layers()
+        layers = masked + norms
         for layer in layers:
             layer.route = route
         trained = set(masked[0].training_tasks)
+        for norm in norms:
+            norm.updating = trained  # learned tasks' statistics are frozen
         if isinstance(route, int):
             uses_training = route in trained
         else:
@@ -126,10 +157,15 @@ class SupermaskModel(nn.Module):
                 layer.training_keep = None
 
     def forward(self, x: torch.Tensor, task: int | list[int] | torch.Tensor | Superposition) -> torch.Tensor:
-        if isinstance(task, torch.Tensor) and task.dim() == 0:
-            task = int(task)
         if isinstance(task, torch.Tensor):
-            return self._forward_per_sample_tasks(x, task)
+            if task.dtype == torch.bool or task.is_floating_point() or task.is_complex():
+                raise TypeError(f"task ids must be integers, got a {task.dtype} tensor")
+            if task.dim() == 0:
+                task = int(task)
+            else:
+                return self._forward_per_sample_tasks(x, task)
+        elif isinstance(task, numbers.Integral) and not isinstance(task, bool):
+            task = int(task)  # numpy integers too
         if isinstance(task, Superposition):
             k = self.num_tasks
             if task.alpha.shape[-1] != k:
@@ -155,6 +191,11 @@ class SupermaskModel(nn.Module):
     def _forward_per_sample_tasks(self, x: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
         if tasks.shape != (x.shape[0],):
             raise ValueError(f"per-sample task ids must have shape [{x.shape[0]}], got {tuple(tasks.shape)}")
+        if x.shape[0] == 0:  # no ids to route by: an empty output of the right shape, from any known task
+            known = self.training_tasks or list(range(self.num_tasks))
+            if not known:
+                raise IndexError("no task is learned or being trained")
+            return self.forward(x, known[0])
         out = None
         for t in tasks.unique().tolist():
             idx = (tasks == t).nonzero().squeeze(1)
