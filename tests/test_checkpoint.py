@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from supsup import build_model
-from supsup.checkpoint import CheckpointError, load_checkpoint, load_into, save_checkpoint
+from supsup.checkpoint import CheckpointError, load_checkpoint, load_into, save_checkpoint, tensor_sha256
 from supsup.inference import Inference, infer_tasks
 
 
@@ -77,8 +77,75 @@ def test_loading_into_a_model_with_another_seed_is_refused(tmp_path):
         load_into(build_model("lenet", output_size=30, seed=6), path)
 
 
-def test_saving_while_training_is_refused(tmp_path):
+def test_saving_while_training_keeps_the_tasks_in_training(tmp_path):
     model = _trained(1)
     model.begin_tasks(1)
-    with pytest.raises(CheckpointError, match="still being trained"):
-        save_checkpoint(model, tmp_path / "m.safetensors")
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "m.safetensors"))
+    assert loaded.num_tasks == 1 and loaded.training_tasks == [1]
+    assert all(torch.equal(a, b) for a, b in zip(model.score_parameters(), loaded.score_parameters()))
+
+
+def _metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["supsup"])
+
+
+def _rewrite(path, target, meta=None, tensors=None):
+    """A copy of checkpoint ``path`` at ``target`` with edited metadata and/or tensors."""
+    from safetensors.torch import load_file
+
+    save_file(tensors if tensors is not None else load_file(str(path)), str(target),
+              metadata={"supsup": json.dumps(meta if meta is not None else _metadata(path))})
+    return target
+
+
+def test_a_flipped_byte_in_a_mask_tensor_is_rejected(tmp_path):
+    path = save_checkpoint(_trained(2), tmp_path / "m.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF  # the last tensor's data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("layers"), "'layers' must be a list"),
+    (lambda m: m.pop("seed"), "'seed' is missing"),
+    (lambda m: m.update(seed=2 ** 70), "'seed' must be an integer in"),
+    (lambda m: m.update(num_tasks=-1), "'num_tasks' must be an integer in"),
+    (lambda m: m.update(rule="magic"), "'rule' must be one of"),
+    (lambda m: m["architecture"].update(name="transformer-xxl"), "unknown architecture 'transformer-xxl'"),
+    (lambda m: m["architecture"].update(output_size=10_000_000), "'architecture' builds layers of shapes"),
+    (lambda m: m["architecture"].update(output_size="big"), "'architecture' does not build a lenet"),
+    (lambda m: m["layers"][1].update(shape=[100]), r"tensor net.3.bank.packed has shape \[2, 3750\]"),
+    (lambda m: m["layers"][0].update(density=7), r"'layers\[0\].density' must be null or a number"),
+    (lambda m: m["layers"][0].pop("weight_fingerprint"), r"'layers\[0\].weight_fingerprint' must be 16 hex"),
+    (lambda m: m.pop("tensors"), "'tensors' must map every tensor name"),
+    (lambda m: m["tensors"].pop("net.1.bank.packed"), "do not match the metadata's list"),
+])
+def test_every_malformed_header_field_is_a_checkpoint_error_naming_it(tmp_path, edit, message):
+    path = save_checkpoint(_trained(2), tmp_path / "m.safetensors")
+    meta = _metadata(path)
+    edit(meta)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(_rewrite(path, tmp_path / "edited.safetensors", meta))
+
+
+def test_sizes_are_checked_against_memory_before_anything_is_allocated(tmp_path):
+    """A tiny file describing a consistent but enormous model (no tasks, so no mask bytes): refused from
+    the header, before any weight is built."""
+    path = save_checkpoint(build_model("lenet", output_size=30, seed=5), tmp_path / "m.safetensors")
+    meta = _metadata(path)
+    meta["architecture"]["input_size"] = 50_000_000  # layer 0: [300, 5e7] -> 60 GB of fp32 weights
+    meta["layers"][0]["shape"] = [300, 50_000_000]
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    tensors["net.1.bank.packed"] = torch.zeros(0, 300 * 50_000_000 // 8, dtype=torch.uint8)
+    meta["tensors"]["net.1.bank.packed"] = tensor_sha256(tensors["net.1.bank.packed"])
+    target = _rewrite(path, tmp_path / "huge.safetensors", meta, tensors)
+    assert target.stat().st_size < 10_000
+    with pytest.raises(CheckpointError, match=r"needs about \d+\.\d GiB, more than the"):
+        load_checkpoint(target)

@@ -1,5 +1,7 @@
 """``python -m supsup`` runs the command-line interface."""
 
-from supsup.cli import app
+import sys
 
-app()
+from supsup.cli import main
+
+sys.exit(main())

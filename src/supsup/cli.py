@@ -1,9 +1,15 @@
-"""The ``supsup`` command: run a preset, re-evaluate a saved run, list presets, fetch data."""
+"""The ``supsup`` command: run a preset, re-evaluate a saved run, list presets, fetch data.
+
+Every failure a user can cause ends with one line on stderr, ``error: what is wrong; what to do``, and
+exit status 1 (2 for a usage error). An interrupted run (SIGINT: 130, SIGTERM: 143) says what is saved
+and the command that resumes it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import signal
+import sys
 import time
 from contextlib import contextmanager
 from enum import Enum
@@ -14,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from supsup.evaluation import SCENARIOS
 from supsup.inference import GRANULARITIES, METHODS, OBJECTIVES
@@ -22,6 +29,21 @@ from supsup.presets import PRESETS, RunConfig, get_preset
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Supermasks in Superposition: learn many tasks with binary masks on a frozen random network.")
 console = Console()
+errors = Console(stderr=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a run stops the way it does on Ctrl-C."""
+
+
+def fail(message: str, code: int = 1, label: str = "error") -> typer.Exit:
+    """Print ``error: message`` as one line on stderr; returns the exit to raise."""
+    errors.print(Text.assemble((f"{label}: ", "bold red"), message), soft_wrap=True, highlight=False)
+    return typer.Exit(code)
+
+
+def usage(message: str) -> typer.Exit:
+    return fail(message, 2)
 
 
 def _choices(name: str, values) -> type[Enum]:
@@ -45,12 +67,12 @@ def _apply_overrides(config: RunConfig, **overrides) -> RunConfig:
     inference = {k: overrides.pop(k) for k in ("method", "objective", "granularity", "steps") if overrides.get(k) is not None}
     top = {k: (v.value if isinstance(v, Enum) else v) for k, v in overrides.items() if v is not None}
     inference = {k: (v.value if isinstance(v, Enum) else v) for k, v in inference.items()}
-    config = dataclasses.replace(config, **top)
-    config.train = dataclasses.replace(config.train, **train)
-    config.inference = dataclasses.replace(config.inference, **inference)
-    if config.eval_at:
-        config.eval_at = [n for n in config.eval_at if n <= config.tasks]
-    return config
+    data = dataclasses.asdict(config)
+    data.update(top)
+    data["train"].update(train)
+    data["inference"].update(inference)
+    data["eval_at"] = [n for n in data["eval_at"] if n <= data["tasks"]]
+    return RunConfig.from_dict(data)  # validates the settings together (e.g. objective against output size)
 
 
 class _Bar:
@@ -76,15 +98,22 @@ def _progress() -> Progress:
 
 @contextmanager
 def _clear_errors():
-    """Bad input (data, checkpoint, settings) ends the command with its message, not a traceback."""
+    """Bad input (data, checkpoint, settings, files) ends the command with its message, not a traceback."""
+    import torch
+
     from supsup.checkpoint import CheckpointError
     from supsup.data.sources import DataError
+    from supsup.experiment import RunError
 
     try:
         yield
-    except (DataError, CheckpointError, ValueError, IndexError) as err:
-        console.print(f"[bold red]error:[/bold red] {err}")
-        raise typer.Exit(1) from err
+    except torch.OutOfMemoryError as err:
+        raise fail(f"out of memory: {str(err).splitlines()[0]}; use fewer --tasks-at-once or a smaller model") from err
+    except (DataError, CheckpointError, RunError, ValueError, IndexError) as err:
+        raise fail(str(err)) from err
+    except OSError as err:
+        where = f" {err.filename}" if err.filename else ""
+        raise fail(f"cannot use{where}: {err.strerror or err}") from err
 
 
 def _fmt(value: float | None) -> str:
@@ -147,9 +176,36 @@ def print_results(results: dict) -> None:
         console.print(f"time: {results['seconds']:.1f} s")
 
 
+def _check_options(config: RunConfig, given: dict) -> None:
+    """Options that the resolved scenario would silently ignore are usage errors."""
+    inference = [k for k in ("inference", "objective", "granularity", "steps") if given.get(k) is not None]
+    if config.scenario == "GG" and inference:
+        raise usage(f"--{inference[0]} has no effect in scenario GG (the task is given at test time): drop it, or "
+                    f"choose --scenario GNu or GNs")
+    if given.get("steps") is not None and config.inference.method != "gradient":
+        raise usage("--steps only applies to --inference gradient")
+    if config.scenario == "NNs" and given.get("tasks_at_once") is not None:
+        raise usage("--tasks-at-once has no effect in scenario NNs (there are no task boundaries)")
+
+
+def _interrupted(out: Path, err: KeyboardInterrupt) -> typer.Exit:
+    from supsup.experiment import RunDirectory, RunError
+
+    code = 143 if isinstance(err, Terminated) else 130
+    what = "terminated" if code == 143 else "interrupted"
+    try:
+        results = RunDirectory(out).read_results()
+    except RunError:
+        results = None
+    if results is None or results["config"].get("scenario") == "NNs":
+        return fail(f"nothing resumable was saved in {out}; start again with --force --out {out}", code, what)
+    done, total = results["tasks_done"], results["config"]["tasks"]
+    return fail(f"{done} of {total} tasks are saved in {out}; resume with: supsup run --resume {out}", code, what)
+
+
 @app.command()
 def run(
-    preset: Annotated[str, typer.Argument(help="Preset name (see `supsup presets`).")],
+    preset: Annotated[Optional[str], typer.Argument(help="Preset name (see `supsup presets`).")] = None,
     tasks: Annotated[Optional[int], typer.Option(help="Number of tasks.")] = None,
     batches_per_task: Annotated[Optional[int], typer.Option(help="Training batches per task.")] = None,
     model: Annotated[Optional[Model], typer.Option(help="Network.")] = None,
@@ -165,29 +221,71 @@ def run(
     small: Annotated[bool, typer.Option("--small", help="Use the preset's scaled-down CPU form.")] = False,
     device: Device = None,
     data_root: DataRoot = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/PRESET-TIME).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/PRESET-TIME); must be "
+                                                              "empty or absent.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory after its "
+                                                                    "last finished task.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the run files in a non-empty --out.")] = False,
 ) -> None:
-    """Train on a preset's task stream, evaluate, print a table, and save results.json + model.safetensors."""
-    try:
-        config = get_preset(preset, small=small)
-        config = _apply_overrides(config, tasks=tasks, batches_per_task=batches_per_task, model=model,
-                                  output_size=output_size, scenario=scenario, method=inference, objective=objective,
-                                  granularity=granularity, steps=steps, tasks_at_once=tasks_at_once, seed=seed,
-                                  device=device)
-    except (KeyError, ValueError) as err:
-        raise typer.BadParameter(str(err.args[0] if err.args else err)) from err
-    from supsup.experiment import Progress as Callbacks, run as run_experiment
+    """Train on a preset's task stream, evaluate, print a table, and save results.json + model.safetensors
+    (the checkpoint is written after every task group, so an interrupted run can be resumed)."""
+    from supsup.experiment import Progress as Callbacks, RunDirectory, RunError, run as run_experiment
 
-    out = out or Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    given = dict(tasks=tasks, batches_per_task=batches_per_task, model=model, output_size=output_size,
+                 scenario=scenario, method=inference, objective=objective, granularity=granularity, steps=steps,
+                 tasks_at_once=tasks_at_once, seed=seed)
+    if resume is not None:
+        changed = [k for k, v in given.items() if v is not None] + (["small"] if small else []) + \
+            (["out"] if out is not None else []) + (["force"] if force else [])
+        if preset is not None or changed:
+            what = "a preset" if preset is not None else f"--{changed[0].replace('_', '-')}"
+            raise usage(f"--resume continues a run with its own settings ({resume}/results.json): {what} cannot "
+                        f"be given with it (only --device and --data-root)")
+        try:
+            config = RunDirectory(resume).config()
+        except RunError as err:
+            raise fail(str(err)) from err
+        if device is not None:
+            config.device = device
+        out = resume
+    else:
+        if preset is None:
+            raise usage("give a preset (see `supsup presets`) or --resume RUN_DIR")
+        try:
+            config = _apply_overrides(get_preset(preset, small=small), **given, device=device)
+        except (KeyError, ValueError) as err:
+            raise usage(str(err.args[0] if err.args else err)) from err
+        _check_options(config, {**given, "inference": inference})
+        out = out or Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from supsup import kernels
+
+    with _clear_errors():
+        from supsup.experiment import check_run
+
+        check_run(config)
+        backend = kernels.describe(config.device)
     console.print(f"[bold]{config.description or config.preset}[/bold]\n{config.tasks} tasks × "
                   f"{config.train.batches_per_task} batches of {config.train.batch_size}, device {config.device}, "
-                  f"seed {config.seed} → {out}")
-    with _progress() as progress, _clear_errors():
-        bar = _Bar(progress)
-        results = run_experiment(config, out, data_root, Callbacks(bar.stage, bar.advance))
+                  f"seed {config.seed} → {out}" + (" (resumed)" if resume is not None else ""), highlight=False)
+    console.print(f"kernels: {backend['backend']}" + (f" ({backend['reason']})" if "reason" in backend else ""),
+                  highlight=False)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with _progress() as progress, _clear_errors():
+            bar = _Bar(progress)
+            results = run_experiment(config, out, data_root, Callbacks(bar.stage, bar.advance),
+                                     resume=resume is not None, force=force)
+    except KeyboardInterrupt as err:
+        raise _interrupted(out, err) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     console.print(f"data: {results['data_source']}")
     print_results(results)
     console.print(f"saved {out / 'results.json'} and {out / 'model.safetensors'}")
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 @app.command("eval")
@@ -205,22 +303,36 @@ def eval_run(
     data_root: DataRoot = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the JSON (default RUN_DIR/eval-*.json).")] = None,
 ) -> None:
-    """Re-evaluate a saved run from its checkpoint (optionally with other inference settings)."""
-    results_file = run_dir / "results.json"
-    if not results_file.is_file():
-        raise typer.BadParameter(f"{results_file} not found: is {run_dir} a run directory?")
-    config = RunConfig.from_dict(json.loads(results_file.read_text())["config"])
-    config = _apply_overrides(config, scenario=scenario, method=inference, objective=objective,
-                              granularity=granularity, steps=steps, device=device, mixed_per_task=mixed_per_task)
-    from supsup.experiment import Progress as Callbacks, reevaluate
+    """Re-evaluate a saved run from its checkpoint (optionally with other inference settings), after
+    checking that the checkpoint, results.json and the rebuilt data belong together."""
+    from supsup.experiment import Progress as Callbacks, RunDirectory, RunError, reevaluate
+    from supsup.files import write_json
 
+    directory = RunDirectory(run_dir)
+    try:
+        config = directory.config()
+    except RunError as err:
+        raise fail(str(err)) from err
+    try:
+        config = _apply_overrides(config, scenario=scenario, method=inference, objective=objective,
+                                  granularity=granularity, steps=steps, device=device, mixed_per_task=mixed_per_task)
+    except ValueError as err:
+        raise usage(str(err)) from err
+    _check_options(config, dict(inference=inference, objective=objective, granularity=granularity, steps=steps))
+    if mixed_per_task is not None and config.inference.granularity != "sample":
+        raise usage("--mixed-per-task only applies to --granularity sample")
+    inf = config.inference
+    target = out or run_dir / f"eval-{config.scenario}-{inf.method}-{inf.objective}-{inf.granularity}.json"
+    inputs = [directory.results, directory.checkpoint, directory.decisions]
+    if target.is_dir() or any(target.exists() and f.exists() and target.samefile(f) for f in inputs):
+        raise usage(f"--out {target} is {'a directory' if target.is_dir() else 'an input of this command'}: "
+                    f"choose another file")
     with _progress() as progress, _clear_errors():
         bar = _Bar(progress)
         results = reevaluate(run_dir, config, data_root, Callbacks(bar.stage, bar.advance))
     print_results(results)
-    inf = config.inference
-    target = out or run_dir / f"eval-{config.scenario}-{inf.method}-{inf.objective}-{inf.granularity}.json"
-    target.write_text(json.dumps(results, indent=2))
+    with _clear_errors():
+        write_json(target, results)
     console.print(f"saved {target}")
 
 
@@ -243,7 +355,8 @@ def fetch(data_root: DataRoot = None) -> None:
     """Fetch and verify MNIST into the data root; says which source served."""
     from supsup.data.sources import MNIST, data_root as resolve, ensure_dataset
 
-    folder, source = ensure_dataset(MNIST, resolve(data_root))
+    with _clear_errors():
+        folder, source = ensure_dataset(MNIST, resolve(data_root))
     console.print(f"MNIST verified in {folder} (source: {source})")
 
 
@@ -267,5 +380,21 @@ def bench(
         console.print(f"saved {json_path}")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main(argv: list[str] | None = None) -> int:
+    """The console entry point: runs the command and returns its exit status. A usage error (typer's
+    parser errors included) prints one line and returns 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = app(args=argv or ["--help"], prog_name="supsup", standalone_mode=False)
+    except typer.TyperException as err:  # the parser's errors: unknown option, bad value, missing argument
+        ctx = getattr(err, "ctx", None)
+        command = f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else ""
+        fail(f"{err.format_message()} (see: supsup{command} --help)", err.exit_code)
+        return err.exit_code
+    except typer.Abort:
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

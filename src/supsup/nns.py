@@ -108,8 +108,11 @@ class NNsResult:
     decisions: list[Decision] = field(default_factory=list)
     config: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> NNsResult:

@@ -4,11 +4,52 @@ scaled-down CPU form (``small``) that finishes in minutes on 2 cores."""
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 
+from supsup.data.streams import STREAMS
 from supsup.evaluation import SCENARIOS
 from supsup.inference import Inference
 from supsup.learners import TrainConfig
+
+MAX_SEED = (1 << 63) - 1
+MNIST_MODELS = ("fc1024", "lenet")
+NUM_CLASSES = 10  # every MNIST stream
+
+
+def _matches(value, hint) -> bool:
+    """Whether a JSON value fits a field's type hint (int, float, str, bool, X | None, list[int])."""
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def from_fields(cls, data, where: str):
+    """``cls(**data)`` for a dataclass, with an error naming the field for unknown, missing or mistyped ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be an object, got {data!r:.60}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            raise ValueError(f"{where}.{key} is not a setting (known: {', '.join(sorted(names))})")
+        if not dataclasses.is_dataclass(hints[key]) and not _matches(value, hints[key]):
+            kind = hints[key].__name__ if isinstance(hints[key], type) else str(hints[key])
+            raise ValueError(f"{where}.{key} must be of type {kind}, got {value!r:.60}")
+    try:
+        return cls(**data)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
 
 
 @dataclass
@@ -34,18 +75,34 @@ class RunConfig:
     def __post_init__(self):
         if self.scenario not in (*SCENARIOS, "NNs"):
             raise ValueError(f"unknown scenario {self.scenario!r}; expected one of {(*SCENARIOS, 'NNs')}")
+        if self.benchmark not in STREAMS:
+            raise ValueError(f"unknown benchmark {self.benchmark!r}; known: {', '.join(sorted(STREAMS))}")
+        if self.model not in MNIST_MODELS:
+            raise ValueError(f"unknown model {self.model!r}; expected one of {MNIST_MODELS}")
         if self.tasks < 1:
             raise ValueError(f"tasks must be >= 1, got {self.tasks}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2^63 - 1], got {self.seed}")
+        if self.output_size < NUM_CLASSES:
+            raise ValueError(f"output_size {self.output_size} is smaller than the {NUM_CLASSES} classes")
+        if self.inference.objective == "g" and self.output_size <= NUM_CLASSES:
+            raise ValueError(f"the G objective needs superfluous outputs: output_size must exceed the "
+                             f"{NUM_CLASSES} classes, got {self.output_size}")
+        if self.mixed_per_task is not None and self.mixed_per_task < 1:
+            raise ValueError(f"mixed_per_task must be >= 1, got {self.mixed_per_task}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
+        """A config from its JSON form; unknown, missing or mistyped fields raise ``ValueError`` naming them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config must be an object, got {data!r:.60}")
         data = dict(data)
-        data["train"] = TrainConfig(**data.get("train", {}))
-        data["inference"] = Inference(**data.get("inference", {}))
-        return cls(**data)
+        data["train"] = from_fields(TrainConfig, data.get("train", {}), "config.train")
+        data["inference"] = from_fields(Inference, data.get("inference", {}), "config.inference")
+        return from_fields(cls, data, "config")
 
 
 def _preset(name, description, small: dict, **kwargs) -> tuple[RunConfig, dict]:

@@ -1,11 +1,13 @@
 """Task streams: a sequence of tasks, each a (train, test) pair of tensors made on demand.
 
-Every task transform (permutation, rotation angle, class subset) is fixed at construction from
-(seed, task id), so a stream is identical across runs, processes and devices.
+Every task transform (permutation, rotation angle, class subset) is fixed by (seed, task id) alone,
+so a stream is identical across runs, processes and devices. Transforms are made when a task is first
+used (a stream of 10^9 tasks costs nothing up front); ``fingerprint()`` identifies a stream.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 
@@ -22,7 +24,7 @@ class TaskStream:
     name = "stream"
     num_classes = 10
 
-    def __init__(self, data: ImageDataset, num_tasks: int, seed: int):
+    def __init__(self, data: ImageDataset, num_tasks: int, seed: int = 1):
         if num_tasks < 1:
             raise ValueError(f"a stream needs at least one task, got {num_tasks}")
         self.data, self.num_tasks, self.seed = data, num_tasks, seed
@@ -30,6 +32,20 @@ class TaskStream:
     def check_task(self, task: int) -> None:
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"{self.name} has tasks 0..{self.num_tasks - 1}, not {task}")
+
+    def transform(self, task: int) -> torch.Tensor:
+        """What makes task ``task`` (a permutation, an angle, class ids) as a tensor; for ``fingerprint``."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the stream's name, seed, task count, data and the transforms of its
+        first and last task (and the sizes of the first): equal fingerprints mean the same tasks, and a
+        changed random generator shows."""
+        digest = hashlib.sha256(repr((self.name, self.seed, self.num_tasks, self.size(0, "train"),
+                                      self.size(0, "test"))).encode())
+        for task in sorted({0, self.num_tasks - 1}):
+            digest.update(self.transform(task).detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     @property
     def device(self) -> torch.device:
@@ -75,16 +91,28 @@ class PermutedMNIST(TaskStream):
 
     name = "permuted-mnist"
 
+    #: permutations kept on the data's device (the most recently made first out past this)
+    CACHED_PERMUTATIONS = 4096
+
     def __init__(self, data: ImageDataset, num_tasks: int, seed: int = 1):
         super().__init__(data, num_tasks, seed)
-        self.permutations = torch.stack([
-            torch.randperm(784, generator=generator(seed, "permutation", t)) for t in range(num_tasks)
-        ]).to(self.device)
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def permutation(self, task: int) -> torch.Tensor:
+        """``[784]`` pixel order of ``task``, from (seed, task) alone."""
+        self.check_task(task)
+        if task not in self._permutations:
+            if len(self._permutations) >= self.CACHED_PERMUTATIONS:
+                self._permutations.pop(next(iter(self._permutations)))
+            perm = torch.randperm(784, generator=generator(self.seed, "permutation", task))
+            self._permutations[task] = perm.to(self.device)
+        return self._permutations[task]
+
+    transform = permutation
 
     def batch(self, task, split, idx):
-        self.check_task(task)
         images, labels = self.data.split(split)
-        return self.normalised(images[idx])[:, self.permutations[task]], labels[idx]
+        return self.normalised(images[idx])[:, self.permutation(task)], labels[idx]
 
 
 class RotatedMNIST(TaskStream):
@@ -92,9 +120,13 @@ class RotatedMNIST(TaskStream):
 
     name = "rotated-mnist"
 
-    def __init__(self, data: ImageDataset, num_tasks: int, seed: int = 1):
-        super().__init__(data, num_tasks, seed)
-        self.angles = [t * (360.0 / num_tasks) for t in range(num_tasks)]
+    def angle(self, task: int) -> float:
+        """Degrees counter-clockwise of ``task``: t · 360 / T."""
+        self.check_task(task)
+        return task * (360.0 / self.num_tasks)
+
+    def transform(self, task: int) -> torch.Tensor:
+        return torch.tensor(self.angle(task), dtype=torch.float64)
 
     def rotate(self, images: torch.Tensor, degrees: float) -> torch.Tensor:
         """Rotate ``[b, 28, 28]`` images counter-clockwise by ``degrees`` about the centre."""
@@ -108,9 +140,8 @@ class RotatedMNIST(TaskStream):
                              align_corners=False).squeeze(1)
 
     def batch(self, task, split, idx):
-        self.check_task(task)
         images, labels = self.data.split(split)
-        return self.normalised(self.rotate(images[idx], self.angles[task])), labels[idx]
+        return self.normalised(self.rotate(images[idx], self.angle(task))), labels[idx]
 
 
 class SplitMNIST(TaskStream):
@@ -130,6 +161,10 @@ class SplitMNIST(TaskStream):
     def size(self, task, split):
         self.check_task(task)
         return self.indices[split][task].shape[0]
+
+    def transform(self, task: int) -> torch.Tensor:
+        self.check_task(task)
+        return torch.tensor([2 * task, 2 * task + 1])
 
     def batch(self, task, split, idx):
         self.check_task(task)

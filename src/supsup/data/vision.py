@@ -84,6 +84,10 @@ class SplitClassStream(TaskStream):
         self.check_task(task)
         return self.indices[split][task].shape[0]
 
+    def transform(self, task: int) -> torch.Tensor:
+        self.check_task(task)
+        return self.task_classes[task]
+
     def pixels(self, task: int, split: str, idx: torch.Tensor) -> torch.Tensor:
         """Images of ``task`` at positions ``idx`` of its split as float ``[b, C, H, W]`` in [0, 1]."""
         self.check_task(task)

@@ -68,6 +68,20 @@ def backend_for(device: torch.device) -> str:
     return "torch"
 
 
+def describe(device: torch.device | str) -> dict:
+    """Which backend serves ``device`` and, when it is not the fastest one, why: for results files."""
+    device = torch.device(device)
+    name = backend_for(device)
+    info = {"backend": name, "device": str(device)}
+    if _forced or os.environ.get("SUPSUP_KERNELS"):
+        info["reason"] = "forced (SUPSUP_KERNELS or use_backend)"
+    elif device.type == "cpu" and name == "torch":
+        info["reason"] = f"native kernels unavailable: {native.why_unavailable()}"
+    elif device.type == "cuda" and name == "torch":
+        info["reason"] = f"Triton unavailable: {triton_failure or 'triton does not import'}"
+    return info
+
+
 @contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Force a backend inside the block (None: automatic choice)."""

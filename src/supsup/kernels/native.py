@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,6 +84,9 @@ def library() -> ctypes.CDLL | None:
                     _lib = _build()
                 except Exception as exc:  # no compiler, read-only cache, odd platform: use torch instead
                     _error = f"{type(exc).__name__}: {exc}"
+                    warnings.warn(f"supsup: the native CPU kernels could not be built ({_error[:300]}); using the "
+                                  f"slower torch path. Install a C compiler (or set CC) to get them.",
+                                  RuntimeWarning, stacklevel=2)
             _tried = True
     return _lib
 
