@@ -116,12 +116,13 @@ def regular_member(archive: tarfile.TarFile, name: str, limit: int) -> tarfile.T
     """The member ``name`` of ``archive`` (a leading ``./`` ignored): a link, a special file or a member of more
     than ``limit`` bytes is a SourceError, so only plain file contents are ever read from an archive."""
     member = {posixpath.normpath(m.name): m for m in archive.getmembers()}.get(name)
+    label = Path(archive.name).name
     if member is None:
-        raise SourceError(f"{archive.name} has no {name}")
+        raise SourceError(f"{label} has no {name}")
     if not member.isfile():
-        raise SourceError(f"{archive.name}: {member.name} is a link or special file, not a regular file")
+        raise SourceError(f"{label}:{member.name} is a link or special file, not a regular file")
     if member.size > limit:
-        raise SourceError(f"{archive.name}: {member.name} has {member.size:,} bytes, more than {limit >> 20} MiB")
+        raise SourceError(f"{label}:{member.name} has {member.size:,} bytes, more than {limit >> 20} MiB")
     return member
 
 
