@@ -1,4 +1,7 @@
+import errno
 import hashlib
+import io
+import os
 import pickle
 import tarfile
 
@@ -8,6 +11,7 @@ import torch
 
 from supsup.architectures import build_model
 from supsup.baselines import lower_bound
+from supsup.data import cifar
 from supsup.data.cifar import MD5, SplitCIFAR100, load_cifar100
 from supsup.data.sources import DataError
 from supsup.density import er_density
@@ -68,6 +72,92 @@ def test_archive_is_verified_and_extracted(tmp_path):
     with pytest.raises(DataError, match="checksum mismatch"):
         load_cifar100(tmp_path)
     assert load_cifar100(tmp_path, md5=md5).train_images.shape[0] == 300
+
+
+def _archive(root, link=None):
+    """``root/cifar-100-python.tar.gz`` of synthetic files (member ``link``, if given, a symbolic link out of the
+    root instead); returns their md5s."""
+    md5 = _write_cifar(root.parent / "src" / "cifar-100-python")
+    root.mkdir(exist_ok=True)
+    with tarfile.open(root / "cifar-100-python.tar.gz", "w:gz") as tar:
+        for name in MD5:
+            if name == link:
+                info = tarfile.TarInfo(f"cifar-100-python/{name}")
+                info.type, info.linkname = tarfile.SYMTYPE, "../../outside"
+                tar.addfile(info)
+            else:
+                tar.add(root.parent / "src" / "cifar-100-python" / name, arcname=f"cifar-100-python/{name}")
+    return md5
+
+
+def _outside(tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not to be touched")
+    return outside
+
+
+@pytest.mark.parametrize("target", ["a file", "nothing"])
+def test_extraction_refuses_a_link_where_it_would_write(tmp_path, target):
+    root = tmp_path / "root"
+    md5 = _archive(root)
+    outside = _outside(tmp_path) if target == "a file" else tmp_path / "nowhere"
+    (root / "cifar-100-python").mkdir()
+    (root / "cifar-100-python" / "train").symlink_to(outside)
+    with pytest.raises(DataError, match=f"{root / 'cifar-100-python' / 'train'} is a link, which extraction will not"):
+        load_cifar100(root, md5=md5)
+    assert os.listdir(root / "cifar-100-python") == ["train"]
+    assert outside.read_bytes() == b"not to be touched" if target == "a file" else not outside.exists()
+
+
+def test_extraction_refuses_a_folder_linked_outside_the_root(tmp_path):
+    root = tmp_path / "root"
+    md5 = _archive(root)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "cifar-100-python").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match="cifar-100-python is a link to .*elsewhere, outside the data root"):
+        load_cifar100(root, md5=md5)
+    assert os.listdir(tmp_path / "elsewhere") == []
+    (root / "cifar-100-python").unlink()
+    (root / "inside").mkdir()
+    (root / "cifar-100-python").symlink_to(root / "inside")  # a link within the data root is followed
+    assert load_cifar100(root, md5=md5).train_images.shape[0] == 300
+    assert sorted(os.listdir(root / "inside")) == sorted(MD5)
+
+
+@pytest.mark.parametrize("problem", ["link", "too large"])
+def test_archive_members_that_are_links_or_too_large_are_refused(tmp_path, monkeypatch, problem):
+    root = tmp_path / "root"
+    outside = _outside(tmp_path)
+    if problem == "too large":
+        monkeypatch.setattr(cifar, "MAX_FILE", 1 << 20)  # the synthetic train file has 1.4 MB
+    md5 = _archive(root, link="test" if problem == "link" else None)
+    with pytest.raises(DataError, match="cannot extract .*cifar-100-python.tar.gz .*: replace it") as err:
+        load_cifar100(root, md5=md5)
+    assert {"link": "cifar-100-python.tar.gz:cifar-100-python/test is a link or special file",
+            "too large": "cifar-100-python.tar.gz:cifar-100-python/train has 1,"}[problem] in str(err.value)
+    assert os.listdir(root / "cifar-100-python") == [] and outside.read_bytes() == b"not to be touched"
+
+
+@pytest.mark.parametrize("with_archive", [False, True])
+def test_a_folder_where_a_cifar_file_should_be_is_an_error_naming_it(tmp_path, with_archive):
+    md5 = _archive(tmp_path / "root") if with_archive else None
+    (tmp_path / "root" / "cifar-100-python" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="cifar-100-python/train should be a data file but is a folder"):
+        load_cifar100(tmp_path / "root", md5=md5)
+    assert os.listdir(tmp_path / "root" / "cifar-100-python") == ["train"]
+
+
+def test_a_failed_write_during_extraction_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    md5 = _archive(root)
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(dst))
+
+    monkeypatch.setattr(cifar.os, "replace", read_only)
+    with pytest.raises(DataError, match="cannot write in .*cifar-100-python .*Read-only file system.*--data-root"):
+        load_cifar100(root, md5=md5)
+    assert os.listdir(root / "cifar-100-python") == []
 
 
 def test_unpickling_refuses_anything_but_the_format(tmp_path):

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -32,3 +34,27 @@ def test_split_imagenet_from_an_image_folder(tmp_path):
     assert xb.shape == (4, 3, 16, 16) and set(yb.tolist()) <= {0, 1}
     with pytest.raises(ValueError, match="exceed"):
         SplitImageNet(tmp_path, num_tasks=4, classes_per_task=2)
+
+
+@pytest.mark.parametrize("where", ["imagenet", "imagenet/val"])
+def test_a_file_where_an_imagenet_folder_should_be_is_an_error_naming_it(tmp_path, where):
+    _tree(tmp_path, classes=2, per_class=1)
+    shutil.rmtree(tmp_path / where)
+    (tmp_path / where).write_bytes(b"not a folder")
+    with pytest.raises(DataError, match=f"{tmp_path / where} should be a folder but is a file"):
+        SplitImageNet(tmp_path, num_tasks=1, classes_per_task=2)
+
+
+def test_a_folder_named_like_an_image_is_an_error_naming_it(tmp_path):
+    _tree(tmp_path, classes=2, per_class=1)
+    (tmp_path / "imagenet/train/n00000001/odd.JPEG").mkdir()
+    with pytest.raises(DataError, match="n00000001/odd.JPEG should be an image file but is not a regular file"):
+        SplitImageNet(tmp_path, num_tasks=1, classes_per_task=2)
+
+
+def test_an_image_that_cannot_be_decoded_is_an_error_naming_it(tmp_path):
+    _tree(tmp_path, classes=2, per_class=1)
+    (tmp_path / "imagenet/val/n00000000/img_0.JPEG").write_bytes(b"not a JPEG")
+    stream = SplitImageNet(tmp_path, num_tasks=1, classes_per_task=2, image_size=16, resize=20)
+    with pytest.raises(DataError, match="n00000000/img_0.JPEG cannot be read as an image .*: replace or remove it"):
+        stream.test_set(0)

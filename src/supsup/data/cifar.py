@@ -2,13 +2,15 @@
 
 CIFAR cannot be fetched here: the files must already be under the data root, as
 ``<root>/cifar-100-python/{train,test,meta}`` (the extracted ``cifar-100-python.tar.gz``), or the archive
-itself as ``<root>/cifar-100-python.tar.gz``. Every file is checked by md5 **before** it is read, and it
-is read without the ``pickle`` module: opcodes are parsed (``pickletools``) and only plain values and
-numpy arrays are built (``read_pickle``).
+itself as ``<root>/cifar-100-python.tar.gz`` (its three regular files are extracted, never through a link nor
+outside the data root). Every file is checked by md5 **before** it is read, and it is read without the
+``pickle`` module: opcodes are parsed (``pickletools``) and only plain values and numpy arrays are built
+(``read_pickle``).
 """
 
 from __future__ import annotations
 
+import os
 import pickletools
 import tarfile
 from pathlib import Path
@@ -16,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from supsup.data.sources import DataError, data_root, md5_of
+from supsup.data.sources import (DataError, SourceError, copy_bounded, data_root, md5_of, refuse_in_the_way,
+                                  regular_member, staging)
 from supsup.data.vision import SplitClassStream, TensorImages
 
 FOLDER = "cifar-100-python"
@@ -24,6 +27,7 @@ ARCHIVE = "cifar-100-python.tar.gz"
 ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 MD5 = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
        "meta": "7973b15100ade9c7d40fb424638fde48"}
+MAX_FILE = 256 << 20  #: bytes an extracted file may have (train, the largest, has 155 MB)
 #: Normalisation used by the paper's SplitCIFAR100 runs (the CIFAR-10 constants, per spec §3.2).
 MEAN, STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
 
@@ -139,16 +143,28 @@ def _missing_message(folder: Path) -> str:
 
 
 def _extract_archive(root: Path, folder: Path, verify: bool) -> None:
+    """Extract train, test and meta into ``folder``: regular members only, each built in a temporary folder and
+    moved into place, so nothing is written through a link or outside the data root."""
     archive = root / ARCHIVE
-    if verify and md5_of(archive) != ARCHIVE_MD5:
-        raise DataError(f"checksum mismatch for {archive}: md5 {md5_of(archive)}, expected {ARCHIVE_MD5}")
-    folder.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        for name in MD5:
-            member = tar.extractfile(f"{FOLDER}/{name}")
-            if member is None:
-                raise DataError(f"{archive} has no {FOLDER}/{name}")
-            (folder / name).write_bytes(member.read())
+    if verify and (got := md5_of(archive)) != ARCHIVE_MD5:
+        raise DataError(f"checksum mismatch for {archive}: md5 {got}, expected {ARCHIVE_MD5}. "
+                        f"Replace it with the original archive.")
+    if not folder.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"{folder} is a link to {folder.resolve()}, outside the data root, where extraction does not "
+                        f"write: remove the link, or extract {ARCHIVE} there yourself.")
+    for name in MD5:
+        if (folder / name).is_symlink():
+            raise DataError(f"{folder / name} is a link, which extraction will not write through: remove it and "
+                            f"run again.")
+    try:
+        with staging(folder) as tmp, tarfile.open(archive) as tar:
+            for name in MD5:
+                member = regular_member(tar, f"{FOLDER}/{name}", MAX_FILE)
+                copy_bounded(tar.extractfile(member), tmp / name, MAX_FILE, f"{ARCHIVE}:{member.name}")
+            for name in MD5:
+                os.replace(tmp / name, folder / name)
+    except (SourceError, tarfile.TarError) as why:
+        raise DataError(f"cannot extract {archive} ({why}): replace it with the original archive.") from why
 
 
 def load_cifar100(root=None, device: torch.device | str = "cpu", *, md5: dict[str, str] | None = None,
@@ -159,6 +175,8 @@ def load_cifar100(root=None, device: torch.device | str = "cpu", *, md5: dict[st
     synthetic files only."""
     root = data_root(root)
     folder = root / FOLDER
+    refuse_in_the_way(root, [ARCHIVE])
+    refuse_in_the_way(folder, MD5)
     expected = {**MD5, **(md5 or {})}
     if not all((folder / f).is_file() for f in MD5):
         if (root / ARCHIVE).is_file():

@@ -38,6 +38,9 @@ def scan_image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     samples = [(path, i) for i, c in enumerate(classes) for path in sorted((folder / c).iterdir())
                if path.suffix.lower() in EXTENSIONS]
+    for path, _ in samples:
+        if not path.is_file():
+            raise DataError(f"{path} should be an image file but is not a regular file: move it away and run again.")
     return classes, samples
 
 
@@ -49,6 +52,9 @@ class SplitImageNet(TaskStream):
     def __init__(self, root=None, num_tasks: int = 100, classes_per_task: int = 10, seed: int = 1,
                  image_size: int = 224, resize: int = 256, device: torch.device | str = "cpu"):
         folder = data_root(root) / "imagenet"
+        for path in (folder, folder / "train", folder / "val"):
+            if path.exists() and not path.is_dir():
+                raise DataError(f"{path} should be a folder but is a file: move it away and run again.")
         if not all((folder / s).is_dir() for s in ("train", "val")):
             raise DataError(f"ImageNet not found. Put the ILSVRC-2012 images at {folder}/train/<wnid>/*.JPEG and "
                             f"{folder}/val/<wnid>/*.JPEG (validation images sorted into one folder per class, "
@@ -127,8 +133,11 @@ class SplitImageNet(TaskStream):
         xs, ys = [], []
         for i in idx.tolist():
             path, label = self.samples[split][task][i]
-            with image_cls.open(path) as image:
-                xs.append(transform(image))
+            try:
+                with image_cls.open(path) as image:
+                    xs.append(transform(image))
+            except (OSError, image_cls.DecompressionBombError) as err:
+                raise DataError(f"{path} cannot be read as an image ({err}): replace or remove it.") from err
             ys.append(label)
         return torch.stack(xs).to(self.device), torch.tensor(ys, device=self.device)
 
