@@ -280,7 +280,7 @@ CASES = [
     Case("data file corrupt", lambda p: ["run", "demo", "--out", p.work / "o", "--data-root", p.work / "data"], 1,
          "checksum mismatch for", corrupt_data_root),
     Case("fetch into a data root that is a file", lambda p: ["fetch", "--data-root", p.work / "f"], 1,
-         "cannot use", write("f", "mine")),
+         "cannot write in", write("f", "mine")),
 ]
 
 

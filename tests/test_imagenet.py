@@ -27,7 +27,8 @@ def test_split_imagenet_from_an_image_folder(tmp_path):
     _tree(tmp_path)
     stream = SplitImageNet(tmp_path, num_tasks=3, classes_per_task=2, image_size=16, resize=20)
     assert sorted(stream.task_classes.flatten().tolist()) == list(range(6))
-    assert torch.equal(SplitImageNet(tmp_path, 3, 2, image_size=16, resize=20).task_classes, stream.task_classes)
+    again = SplitImageNet(tmp_path, 3, 2, image_size=16, resize=20)
+    assert torch.equal(again.task_classes, stream.task_classes) and again.fingerprint() == stream.fingerprint()
     x, y = stream.test_set(1)
     assert x.shape == (6, 3, 16, 16) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
     xb, yb = next(stream.train_batches(2, 4, 1))

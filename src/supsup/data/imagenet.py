@@ -92,6 +92,10 @@ class SplitImageNet(TaskStream):
         self.check_task(task)
         return len(self.samples[split][task])
 
+    def transform(self, task: int) -> torch.Tensor:
+        self.check_task(task)
+        return self.task_classes[task]
+
     # ------------------------------------------------------------ transforms
     def _to_tensor(self, image) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
