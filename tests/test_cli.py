@@ -168,6 +168,17 @@ def corrupt_data_root(p: Paths) -> None:
     (p.work / "data" / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 20)
 
 
+def data_root_with(p: Paths, missing: str, put: Callable[[Path], None]) -> None:
+    """A data root holding MNIST but ``missing``, and ``put(path of missing)`` in its place."""
+    folder = p.work / "data" / "mnist"
+    folder.mkdir(parents=True)
+    for file in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        if file != missing:
+            shutil.copy(p.data / "mnist" / file, folder / file)
+    put(folder / missing)
+
+
 @dataclass
 class Case:
     name: str
@@ -279,6 +290,12 @@ CASES = [
     # data
     Case("data file corrupt", lambda p: ["run", "demo", "--out", p.work / "o", "--data-root", p.work / "data"], 1,
          "checksum mismatch for", corrupt_data_root),
+    Case("data file replaced by a folder", lambda p: ["run", "demo", "--out", p.work / "o", "--data-root",
+                                                      p.work / "data"], 1, "train-images-idx3-ubyte",
+         lambda p: data_root_with(p, "train-images-idx3-ubyte", lambda f: f.mkdir())),
+    Case("data file a corrupt gzip", lambda p: ["run", "demo", "--out", p.work / "o", "--data-root", p.work / "data"],
+         1, "train-images-idx3-ubyte.gz is not a valid gzip file",
+         lambda p: data_root_with(p, "train-images-idx3-ubyte", lambda f: f.with_suffix(".gz").write_bytes(b"junk"))),
     Case("fetch into a data root that is a file", lambda p: ["fetch", "--data-root", p.work / "f"], 1,
          "cannot write in", write("f", "mine")),
 ]

@@ -201,3 +201,19 @@ def test_triton_topk_cutoffs_equal_kthvalue_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_failed_native_build_is_a_warning_with_its_reason_and_the_backend_says_so(tmp_path):
+    """Without a working C compiler the torch path serves, with a warning that says why (a subprocess: the
+    library is built once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "SUPSUP_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", "from supsup import kernels; print(kernels.describe('cpu'))"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "RuntimeWarning: supsup: the native CPU kernels could not be built" in done.stderr
+    assert "no-such-compiler" in done.stderr
+    assert "'backend': 'torch'" in done.stdout and "native kernels unavailable" in done.stdout

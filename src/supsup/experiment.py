@@ -27,11 +27,11 @@ import torch
 
 from supsup import kernels
 from supsup.architectures import ARCHITECTURES, build_model
-from supsup.checkpoint import CheckpointError, load_checkpoint, load_into, read_metadata, save_checkpoint
+from supsup.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint, load_into, read_metadata
 from supsup.data.idx import load_mnist
 from supsup.data.streams import STREAMS, TaskStream
 from supsup.evaluation import Evaluation, evaluate, evaluate_mixed
-from supsup.files import sha256_file, write_json
+from supsup.files import sha256_file, write_atomic, write_json
 from supsup.learners import train_task_group
 from supsup.masks import packed_size
 from supsup.model import SupermaskModel
@@ -160,9 +160,8 @@ class RunDirectory:
             raise RunError(f"{self.results}: {err}") from err
 
     def save(self, model: SupermaskModel, run_state: dict) -> str:
-        """Write the checkpoint; returns its sha256."""
-        save_checkpoint(model, self.checkpoint, extra={"run": run_state})
-        return sha256_file(self.checkpoint)
+        """Write the checkpoint atomically; returns its sha256 (from the bytes written, not read back)."""
+        return write_atomic(self.checkpoint, checkpoint_bytes(model, extra={"run": run_state}))
 
 
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
