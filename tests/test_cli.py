@@ -350,3 +350,6 @@ def test_sys_read_only_place_is_refused_before_training(capsys, tmp_path):
         pass
     code, _, err = supsup(capsys, "run", "demo", "--out", target)
     assert code == 1 and f"cannot write into {target}" in err
+    existing = Path("/sys/kernel")  # an existing folder on a read-only file system
+    code, _, err = supsup(capsys, "run", "demo", "--out", existing, "--force")
+    assert code == 1 and f"cannot write into {existing}" in err
