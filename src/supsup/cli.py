@@ -188,6 +188,10 @@ def _check_options(config: RunConfig, given: dict) -> None:
         raise usage("--tasks-at-once has no effect in scenario NNs (there are no task boundaries)")
 
 
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def _interrupted(out: Path, err: KeyboardInterrupt) -> typer.Exit:
     from supsup.experiment import RunDirectory, RunError
 
@@ -229,7 +233,8 @@ def run(
 ) -> None:
     """Train on a preset's task stream, evaluate, print a table, and save results.json + model.safetensors
     (the checkpoint is written after every task group, so an interrupted run can be resumed)."""
-    from supsup.experiment import Progress as Callbacks, RunDirectory, RunError, run as run_experiment
+    from supsup import kernels
+    from supsup.experiment import Progress as Callbacks, RunDirectory, RunError, check_run, run as run_experiment
 
     given = dict(tasks=tasks, batches_per_task=batches_per_task, model=model, output_size=output_size,
                  scenario=scenario, method=inference, objective=objective, granularity=granularity, steps=steps,
@@ -257,11 +262,7 @@ def run(
             raise usage(str(err.args[0] if err.args else err)) from err
         _check_options(config, {**given, "inference": inference})
         out = out or Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from supsup import kernels
-
     with _clear_errors():
-        from supsup.experiment import check_run
-
         check_run(config)
         backend = kernels.describe(config.device)
     console.print(f"[bold]{config.description or config.preset}[/bold]\n{config.tasks} tasks × "
@@ -282,10 +283,6 @@ def run(
     console.print(f"data: {results['data_source']}")
     print_results(results)
     console.print(f"saved {out / 'results.json'} and {out / 'model.safetensors'}")
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
 
 
 @app.command("eval")

@@ -48,15 +48,14 @@ class SupermaskModel(nn.Module):
         return result
 
     def _check_consistent(self) -> None:
-        model = self
-        layers = model.mask_layers()
+        layers = self.mask_layers()
         counts = {layer.num_learned for layer in layers}
         training = {tuple(layer.training_tasks) for layer in layers}
         if len(counts) > 1 or len(training) > 1:
             raise RuntimeError(f"inconsistent state: the masked layers hold {sorted(counts)} learned tasks and "
                                f"tasks in training {sorted(training)}; every layer must hold the same tasks")
-        needed = max([model.num_tasks, *[t + 1 for t in model.training_tasks]])
-        for name, norm in model.named_modules():
+        needed = max([self.num_tasks, *[t + 1 for t in self.training_tasks]])
+        for name, norm in self.named_modules():
             if isinstance(norm, MultitaskBatchNorm) and norm.running_mean.shape[0] < needed:
                 raise RuntimeError(f"inconsistent state: {name} has BatchNorm statistics for "
                                    f"{norm.running_mean.shape[0]} tasks, the masks for {needed}")
