@@ -1,0 +1,29 @@
+"""Runnable examples: ``python -m supsup.examples.NAME --help``.
+
+- ``avalanche_permuted_mnist``: the ``SupSup`` Avalanche strategy, with task labels and without;
+- ``lightning_permuted_mnist``: one ``Trainer.fit`` per task, a Lightning checkpoint, every task restored.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from supsup.data.idx import load_mnist
+from supsup.data.streams import PermutedMNIST
+
+
+def example_arguments(doc: str, tasks: int, out: str) -> argparse.ArgumentParser:
+    """The options every example takes: ``--tasks``, ``--batches`` (per task), ``--test-samples``,
+    ``--data-root``, ``--out``."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=tasks, help=f"PermutedMNIST tasks (default {tasks})")
+    parser.add_argument("--batches", type=int, default=200, help="training batches of 128 per task (default 200)")
+    parser.add_argument("--test-samples", type=int, default=None, help="test samples per task (default: all)")
+    parser.add_argument("--data-root", default=None, help="MNIST's folder (default: $SUPSUP_DATA or ~/.cache/supsup)")
+    parser.add_argument("--out", default=out, help=f"folder for the results (default {out})")
+    return parser
+
+
+def permuted_mnist(args: argparse.Namespace) -> PermutedMNIST:
+    """The example's tasks: PermutedMNIST from verified MNIST (fetched on first use), seed 1."""
+    return PermutedMNIST(load_mnist(args.data_root), args.tasks, seed=1)
