@@ -71,6 +71,8 @@ def test_two_tasks_trained_checkpointed_and_restored_into_a_fresh_model(mnist, t
     fitted.save_checkpoint(path, weights_only=True)  # the state_dict: every mask
     restored = SupSupModule.load_from_checkpoint(path, model=lenet(), weights_only=True)
     assert restored.model.num_tasks == 2
+    (validated,) = trainer().validate(restored, held_out, verbose=False)  # outside a fit: the last task
+    assert validated["val_accuracy"] == fitted.callback_metrics["val_accuracy"].item()
     module.eval(), restored.eval()
     for task in range(2):
         x, y = stream.batch(task, "test", torch.arange(1000))

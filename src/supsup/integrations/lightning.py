@@ -74,7 +74,7 @@ class SupSupModule(pl.LightningModule):
     """Trains a ``SupermaskModel``, one task per ``Trainer.fit``, on batches ``(x, y)``: cross-entropy
     over all outputs, the optimiser of ``supsup.learners.make_optimizer`` over the task's scores
     (``optimizer``: rmsprop, adam or sgd). ``forward(x, task)`` is the model's. Logs ``train_loss``
-    and, for validation batches, ``val_accuracy`` of the task in training."""
+    and, for validation batches, ``val_accuracy``."""
 
     def __init__(self, model: SupermaskModel, *, optimizer: str = "rmsprop", lr: float = 1e-4,
                  weight_decay: float = 0.0, momentum: float = 0.9):
@@ -99,7 +99,9 @@ class SupSupModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        """``val_accuracy`` of the task in training (outside a fit, of the last learned task)."""
         x, y = batch
+        task = self.model.training_tasks[0] if self.model.training_tasks else self.model.num_tasks - 1
         classes = self.model.num_classes or self.model.output_size
-        predicted = self.model(x, self.model.training_tasks[0])[:, :classes].argmax(-1)
+        predicted = self.model(x, task)[:, :classes].argmax(-1)
         self.log("val_accuracy", (predicted == y).float().mean())
