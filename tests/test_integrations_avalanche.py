@@ -216,6 +216,6 @@ def test_the_example_runs(tmp_path, data_root, capsys):
     assert main(["--tasks", "2", "--batches", "20", "--test-samples", "500", "--data-root", str(data_root),
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "task inference" in out and len(out.splitlines()) == 7  # header lines, 2 x 2 rows, files
+    assert "task inference" in out and len(out.splitlines()) == 8  # 3 header lines, 2 x 2 rows, files
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) == {"given", "inferred"} and "Top1_Acc_Exp" in (tmp_path / "log.txt").read_text()

@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from supsup.data.idx import load_mnist
 from supsup.data.streams import PermutedMNIST
 
 
-def example_arguments(doc: str, tasks: int, out: str) -> argparse.ArgumentParser:
+def example_arguments(doc: str, tasks: int, out: str, test_samples: int | None = None) -> argparse.ArgumentParser:
     """The options every example takes: ``--tasks``, ``--batches`` (per task), ``--test-samples``,
-    ``--data-root``, ``--out``."""
+    ``--threads``, ``--data-root``, ``--out``."""
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("--tasks", type=int, default=tasks, help=f"PermutedMNIST tasks (default {tasks})")
     parser.add_argument("--batches", type=int, default=200, help="training batches of 128 per task (default 200)")
-    parser.add_argument("--test-samples", type=int, default=None, help="test samples per task (default: all)")
+    parser.add_argument("--test-samples", type=int, default=test_samples,
+                        help=f"test samples per task (default {test_samples or 'all'})")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: LeNet's small operations run faster on one)")
     parser.add_argument("--data-root", default=None, help="MNIST's folder (default: $SUPSUP_DATA or ~/.cache/supsup)")
     parser.add_argument("--out", default=out, help=f"folder for the results (default {out})")
     return parser
 
 
 def permuted_mnist(args: argparse.Namespace) -> PermutedMNIST:
-    """The example's tasks: PermutedMNIST from verified MNIST (fetched on first use), seed 1."""
+    """The example's tasks: PermutedMNIST from verified MNIST (fetched on first use), seed 1; sets torch's
+    threads."""
+    torch.set_num_threads(args.threads)
     return PermutedMNIST(load_mnist(args.data_root), args.tasks, seed=1)

@@ -1,10 +1,11 @@
 """SupSup as an Avalanche strategy on PermutedMNIST, once with task labels and once without.
 
-    python -m supsup.examples.avalanche_permuted_mnist [--tasks 3] [--batches 200] [--test-samples N] [--out DIR]
+    python -m supsup.examples.avalanche_permuted_mnist [--tasks 3] [--batches 200] [--test-samples 2000] [--out DIR]
 
 Needs ``pip install 'supsup[avalanche]'``. Avalanche's own evaluation plugin reports accuracy and
 forgetting per experience, beside supsup's task-inference accuracy; its TextLogger writes ``OUT/log.txt``
-and the final metrics go to ``OUT/metrics.json``.
+and the final metrics go to ``OUT/metrics.json``. Avalanche's loader reads sample by sample, so the test
+stream is the first 2,000 test samples of each task unless ``--test-samples`` says otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
 from avalanche.logging import TextLogger
+from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 
 from supsup import build_model
@@ -25,6 +27,7 @@ from supsup.learners import TrainConfig
 
 def run(benchmark, log) -> dict[str, float]:
     """Train on every experience, evaluating the whole test stream after each; the last metrics."""
+    RNGManager.set_random_seeds(1)  # the loader's shuffling
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
                                  forgetting_metrics(experience=True, stream=True),
                                  *task_inference_metrics(), loggers=[TextLogger(log)])
@@ -46,12 +49,12 @@ def per_experience(metrics: dict[str, float], name: str, experience: int) -> flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = example_arguments(__doc__, tasks=3, out="runs/avalanche-example").parse_args(argv)
+    args = example_arguments(__doc__, tasks=3, out="runs/avalanche-example", test_samples=2000).parse_args(argv)
     stream = permuted_mnist(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"avalanche: {stream.name}, {args.tasks} experiences x {args.batches} batches of 128, "
-          f"lenet (s=100), RMSprop 1e-4")
+    print(f"avalanche: {stream.name}, {args.tasks} experiences x {args.batches} batches of 128")
+    print(f"lenet (s=100), RMSprop 1e-4, test: {args.test_samples or 'all'} samples per task")
     print(f"{'task labels':>11}  {'experience':>10}  {'accuracy':>8}  {'forgetting':>10}  {'task inference':>14}")
     results = {}
     with open(out / "log.txt", "w") as log:

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer.save_checkpoint(checkpoint, weights_only=True)  # the masks; the optimiser state died with the scores
     restored = SupSupModule.load_from_checkpoint(checkpoint, model=build_model("lenet", output_size=100, seed=1),
                                                  weights_only=True)
-    print(f"lightning: {stream.name}, {args.tasks} tasks x {args.batches} batches of 128, lenet (s=100), "
-          f"RMSprop 1e-4")
+    print(f"lightning: {stream.name}, {args.tasks} tasks x {args.batches} batches of 128")
+    print(f"lenet (s=100), RMSprop 1e-4, test: {args.test_samples or 'all'} samples per task")
     print(f"{'task':>4}  {'accuracy':>8}  {'restored':>8}  {'identical outputs':>17}")
     for task in range(args.tasks):
         n = stream.size(task, "test") if args.test_samples is None else args.test_samples
