@@ -180,8 +180,9 @@ class SupSup(SupervisedTemplate):
 
     def _after_training_exp(self, **kwargs):
         """After every plugin saw the experience end: drop the optimiser, whose scores the frozen mask
-        replaced (this frees their state, and Avalanche's ``save_checkpoint`` cannot pickle optimisers of
-        torch >= 2.0 with dill, which looks for ``torch.optim.sgd`` where torch deletes it)."""
+        replaced. This frees their state, and lets Avalanche's ``save_checkpoint`` work between experiences:
+        it pickles with dill, and dill 0.4 cannot pickle torch 2.14's optimisers (it looks for their class
+        in ``torch.optim.sgd`` and the like, names that ``torch.optim`` deletes)."""
         super()._after_training_exp(**kwargs)
         self.optimizer = None
 
