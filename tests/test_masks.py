@@ -40,6 +40,17 @@ def test_threshold_weight_gradient_is_upstream_times_weight():
     assert scores.grad.tolist() == [2.0, -6.0, -2.0]
 
 
+def test_masked_weight_equals_torch_where_bit_for_bit_for_k_tasks():
+    """W ⊙ M for K stacked masks over one weight (a C kernel on the CPU): the values of ``torch.where``,
+    including +0.0 (not -0.0) where a negative weight is dropped."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(37, 29, generator=gen)
+    scores = torch.randn(5, 37, 29, generator=gen)
+    effective = masked_weight(scores, weight, scores >= 0, "threshold")
+    want = torch.where(scores >= 0, weight, 0.0)
+    assert torch.equal(effective, want) and torch.equal(effective.signbit(), want.signbit())
+
+
 @settings(max_examples=30, deadline=None)
 @given(numel=st.integers(1, 5000), density=st.floats(0.001, 1.0))
 def test_topk_keeps_exactly_the_reference_count(numel, density):

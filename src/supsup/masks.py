@@ -31,9 +31,11 @@ class _MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, signed: bool) -> torch.Tensor:
+        from supsup import kernels  # kernels import this module
+
         ctx.save_for_backward(scores, weight)
         ctx.signed = signed
-        return torch.where(keep, weight, 0.0)
+        return kernels.select(keep, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
