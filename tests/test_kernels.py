@@ -113,6 +113,7 @@ def test_tiles_hold_the_rows_exactly_and_grow_without_loss():
         assert torch.equal(kernels.rows(kernels.tasks(store, slice(0, k)), row_bytes), rows)
         picked = torch.tensor([k - 1, 0])
         assert torch.equal(kernels.rows(kernels.tasks(store, picked), row_bytes), rows[picked])
+        assert torch.equal(kernels._torch_rows(kernels.tasks(store, slice(0, k)), row_bytes), rows)  # the GPU's way
         assert kernels.relayout(store, row_bytes) is store
         moved = kernels.relayout(rows.clone(), row_bytes)  # rows arriving on the CPU become tiles
         assert moved.dim() == 3 and torch.equal(kernels.rows(kernels.tasks(moved, slice(0, k)), row_bytes), rows)

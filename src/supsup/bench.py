@@ -13,8 +13,9 @@ Rows (``run_benchmarks``):
   as effective bandwidth over the packed bits.
 
 Timings are medians of repeated runs (CPU: wall clock; CUDA: synchronised wall clock); every row also
-records its run-to-run spread (interquartile range / median), and ``meta`` the machine (CPU model and
-flags, load average before and after).
+records its run-to-run spread (interquartile range / median), on the CPU the same ratios in CPU time
+(which a busy machine inflates far less), and ``meta`` the machine (CPU model and flags, load average
+before and after).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -87,23 +89,37 @@ def spread(times: list[float]) -> float:
     return (q3 - q1) / statistics.median(times)
 
 
+@dataclass
+class Timings:
+    """Milliseconds of every repetition: ``wall`` clock, and ``cpu``, the CPU time this process used (on a
+    shared machine it excludes the time spent waiting for a core, so it is far less sensitive to the load;
+    with several threads it adds them up)."""
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+    def median(self, name: str, kind: str = "wall") -> float:
+        return statistics.median(getattr(self, kind)[name])
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 2,
-                     budget_s: float | None = None) -> dict[str, list[float]]:
-    """Milliseconds of every repetition of each function, run in turn within every repetition, so that a
-    change in the machine's load during the measurement hits all of them alike (the ratios stay meaningful)."""
+                     budget_s: float | None = None) -> Timings:
+    """Every repetition of each function, run in turn within every repetition, so that a change in the
+    machine's load during the measurement hits all of them alike (the ratios stay meaningful)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times = Timings({name: [] for name in fns}, {name: [] for name in fns})
     start_all = time.perf_counter()
     for _ in range(reps):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-        if budget_s is not None and time.perf_counter() - start_all > budget_s and len(times[name]) >= 3:
+            times.wall[name].append((time.perf_counter() - start) * 1e3)
+            times.cpu[name].append((time.process_time() - start_cpu) * 1e3)
+        if budget_s is not None and time.perf_counter() - start_all > budget_s and len(times.wall[name]) >= 3:
             break
     return times
 
@@ -219,15 +235,18 @@ def bench_training(device: torch.device, *, name: str = "fc1024", output_size: i
             _peak_reset(device)
             times = time_interleaved({"supsup": step, "dense": dense_fwd_bwd, "dense_step": dense_step}, device,
                                      reps, budget_s=budget_s)
-            ms = {name: statistics.median(values) for name, values in times.items()}
+            ms = {name: times.median(name) for name in times.wall}
             per_task = ms["supsup"] / count
             rows.append({
                 "figure": "train", "model": name, "output_size": output_size, "batch": batch, "tasks_at_once": count,
                 "precision": precision, "ms_per_task_batch": per_task, "dense_fwd_bwd_ms": ms["dense"],
                 "dense_step_ms": ms["dense_step"], "ratio_vs_dense": per_task / ms["dense"],
                 "ratio_vs_dense_step": per_task / ms["dense_step"], "peak_bytes": _peak_bytes(device),
-                "spread": spread(times["supsup"]), "dense_spread": spread(times["dense"]), "reps": len(times["dense"]),
+                "spread": spread(times.wall["supsup"]), "dense_spread": spread(times.wall["dense"]),
+                "reps": len(times.wall["dense"]),
             })
+            if device.type == "cpu":
+                rows[-1]["cpu_ratio_vs_dense"] = times.median("supsup", "cpu") / count / times.median("dense", "cpu")
             del model, optimizer, xs, ys
             gc.collect()
             if device.type == "cuda":
@@ -334,16 +353,19 @@ def bench_oneshot(device: torch.device, name: str, ks: list[int], *, output_size
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         times = time_interleaved({"oneshot": lambda: infer_tasks(model, image("oneshot")), "dense": dense_fwd_bwd,
                                   "memcpy": copy}, device, reps, budget_s=budget_s)
-        ms = {side: statistics.median(values) for side, values in times.items()}
+        ms = {side: times.median(side) for side in times.wall}
         row = {
             "figure": "oneshot", "model": name, "output_size": output_size, "k": k, "ms": ms["oneshot"],
             "dense_fwd_bwd_ms": ms["dense"], "ratio_vs_dense": ms["oneshot"] / ms["dense"],
             "memcpy_ms": ms["memcpy"], "ratio_vs_memcpy": ms["oneshot"] / ms["memcpy"],
-            "spread": spread(times["oneshot"]), "memcpy_spread": spread(times["memcpy"]), "reps": len(times["memcpy"]),
+            "spread": spread(times.wall["oneshot"]), "memcpy_spread": spread(times.wall["memcpy"]),
+            "reps": len(times.wall["memcpy"]),
             "bytes_per_task": model.bytes_per_task(), "float32_bytes_per_task": 4 * model.num_weights(),
             "mask_bytes": mask_bytes, "peak_bytes": _peak_bytes(device),
             "peak_extra_bytes": (_peak_bytes(device) - base) if base else None, "backend": kernels.backend_for(device),
         }
+        if device.type == "cpu":
+            row["cpu_ratio_vs_memcpy"] = times.median("oneshot", "cpu") / times.median("memcpy", "cpu")
         if graphs and device.type == "cuda":
             try:
                 graphed = GraphedOneShot(model, images[:1])
@@ -505,12 +527,15 @@ def _cells(row: dict, device_type: str) -> list[str]:
         return ["train, per task per batch", f"{row['model']} K={row['tasks_at_once']} {row['precision']}",
                 f"{row['ms_per_task_batch']:.3f} ms{_spread(row)}",
                 f"{row['dense_fwd_bwd_ms']:.3f} ms{_spread(row, 'dense_spread')} (with optimiser step: "
-                f"{row['dense_step_ms']:.3f})", f"{row['ratio_vs_dense']:.2f}x ({row['ratio_vs_dense_step']:.2f}x)",
+                f"{row['dense_step_ms']:.3f})", f"{row['ratio_vs_dense']:.2f}x ({row['ratio_vs_dense_step']:.2f}x)"
+                + (f"; CPU time {row['cpu_ratio_vs_dense']:.2f}x" if "cpu_ratio_vs_dense" in row else ""),
                 "", f"peak {_mb(row['peak_bytes'])}", _goal(row, device_type)]
     if row["figure"] == "oneshot":
         graphed = f" (CUDA graph: {row['graphed_ms']:.3f} ms)" if "graphed_ms" in row else ""
         memcpy = f"{row['memcpy_ms']:.3f} ms{_spread(row, 'memcpy_spread')}: **{row['ratio_vs_memcpy']:.2f}x**" \
             if "memcpy_ms" in row else ""
+        if "cpu_ratio_vs_memcpy" in row:
+            memcpy += f" (CPU time {row['cpu_ratio_vs_memcpy']:.2f}x)"
         return ["One-Shot, one image", f"{row['model']} k={row['k']:,}", f"{row['ms']:.3f} ms{_spread(row)}{graphed}",
                 f"{row['dense_fwd_bwd_ms']:.3f} ms", f"{row['ratio_vs_dense']:.1f}x", memcpy,
                 f"masks {_mb(row['mask_bytes'])} ({row['bytes_per_task']:,} B/task; float32: "

@@ -153,10 +153,13 @@ def rows(packed: torch.Tensor, row_bytes: int) -> torch.Tensor:
     """Canonical rows ``[k, R] uint8`` of ``packed`` (itself when it is rows; a copy of tiles)."""
     if not _is_tiles(packed):
         return packed
-    if packed.device.type == "cpu":
-        return native.read_rows(packed, row_bytes)
-    return packed.contiguous().view(torch.int32).view(packed.shape[:2]).t().contiguous() \
-        .view(torch.uint8)[:, :row_bytes].contiguous()
+    return native.read_rows(packed, row_bytes) if packed.device.type == "cpu" else _torch_rows(packed, row_bytes)
+
+
+def _torch_rows(tiles: torch.Tensor, row_bytes: int) -> torch.Tensor:
+    """``rows`` with torch operations: for tiles that moved to a GPU (``relayout``)."""
+    dwords = tiles.contiguous().view(torch.int32).view(tiles.shape[:2])  # [C, k]
+    return dwords.t().contiguous().view(torch.uint8)[:, :row_bytes].contiguous()
 
 
 def relayout(store: torch.Tensor, row_bytes: int) -> torch.Tensor:
