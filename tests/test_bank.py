@@ -85,6 +85,9 @@ def test_superpose_and_contract_match_the_float_stack():
     alphas = torch.randn(4, 40)
     assert torch.allclose(bank.superpose_many(alphas).reshape(4, -1), alphas @ stack, atol=1e-5)
     assert torch.equal(bank.masked_weight(5, g), g * masks[5])
+    delta, x = torch.randn(2, 6), torch.randn(2, 21)
+    want = ((delta[:, :, None] * x[:, None, :]) * g).reshape(2, -1) @ stack.T
+    assert torch.allclose(bank.contract_factored(delta, x, g), want, atol=1e-5)
 
 
 def test_bank_errors_say_what_was_expected():

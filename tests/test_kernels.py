@@ -100,6 +100,27 @@ def test_contraction_skips_zero_stretches_of_the_gradient_exactly(name, layout):
     assert poisoned[flat[:, (delta[:, 0] == 0).nonzero()[0, 0] * 50]].isnan().all()
 
 
+@pytest.mark.parametrize("name", cpu_backends())
+@pytest.mark.parametrize("layout", layouts("cpu"))
+def test_factored_contraction_equals_the_contraction_of_the_outer_product(name, layout):
+    """δᵀ(W ⊙ M)x from the factors: rows of 7 (< one column), 50 and 100 inputs (columns across rows), P not a
+    multiple of 32, several samples, dead rows (δ = 0) and zero inputs; the native kernel forms the same g."""
+    gen = torch.Generator().manual_seed(8)
+    for out, inp, k in [(5, 7, 3), (300, 50, 17), (61, 100, 40)]:
+        weight = torch.randn(out, inp, generator=gen)
+        masks = torch.rand(k, out * inp, generator=gen) < 0.5
+        delta = torch.randn(4, out, generator=gen) * (torch.rand(4, out, generator=gen) < 0.5)
+        x = torch.relu(torch.randn(4, inp, generator=gen))
+        delta[1] = 0
+        g = ((delta[:, :, None] * x[:, None, :]) * weight).reshape(4, -1)
+        packed = in_layout(pack_bits(masks), layout)
+        with kernels.use_backend(name):
+            got = kernels.contract_factored(packed, delta, x, weight)
+            formed = kernels.contract(packed, g)
+        assert torch.allclose(got, g @ masks.float().T, **TOL), (out, inp, k, (got - g @ masks.float().T).abs().max())
+        assert torch.equal(got, formed) and torch.equal(got[1], torch.zeros(k))
+
+
 def test_tiles_hold_the_rows_exactly_and_grow_without_loss():
     if not kernels.tiled("cpu"):
         pytest.skip(f"no native kernels: {kernels.native.why_unavailable()}")
@@ -150,6 +171,8 @@ def test_native_kernels_without_avx512_equal_the_reference(tmp_path):
         "    assert torch.allclose(native.superpose(t, a, p), a @ m.float(), rtol=1e-5, atol=1e-4)\n"
         "    assert torch.equal(native.unpack(t, p, v[0]), m.float() * v[0])\n"
         "    assert torch.equal(K.rows(t, (p + 7) // 8), pack_bits(m))\n"
+        "    w = torch.randn(1, p, generator=g); d = torch.randn(2, 1, generator=g)\n"
+        "    assert torch.allclose(native.contract_factored(t, d, v, w), (d * v * w) @ m.float().T, rtol=1e-5, atol=1e-4)\n"
         "    keep = torch.rand(2, p, generator=g) < 0.5\n"
         "    assert torch.equal(native.select(keep, v[0]), torch.where(keep, v[0], 0.0))\n"
     )

@@ -214,6 +214,13 @@ class MaskBank(nn.Module):
             raise ValueError(f"gradient shape {tuple(grad.shape)} does not match weight shape {tuple(self.shape)}")
         return kernels.contract(self._stored, grad.reshape(grad.shape[0], -1))
 
+    def contract_factored(self, delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``[n, k]``, row b ``δ_bᵀ (W ⊙ M_i) x_b`` for a linear layer's ``weight [out, in]``, ``δ = ∂L/∂y [n, out]``
+        and inputs ``x [n, in]``: sample b's ``contract((δ_b x_bᵀ) ⊙ W)`` without forming that ``[n, P]`` g."""
+        if self.shape != weight.shape:
+            raise ValueError(f"weight shape {tuple(weight.shape)} does not match the masks' {tuple(self.shape)}")
+        return kernels.contract_factored(self._stored, delta, x, weight)
+
     def _check_alpha(self, alpha: torch.Tensor) -> None:
         if alpha.shape[-1] != self.num_tasks:
             raise ValueError(f"alpha has {alpha.shape[-1]} entries but {self.num_tasks} tasks are learned")

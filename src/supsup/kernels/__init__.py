@@ -8,10 +8,12 @@ Two storage layouts of k masks, both accepted by every operation:
   a column whose gradient is zero is skipped without reading its bits, and 16 tasks fill one vector.
   ``new_store``, ``tasks``, ``write_rows``, ``rows`` and ``relayout`` hide the difference from the bank.
 
-Five operations, each with one signature and several backends:
+Six operations, each with one signature and several backends:
 
 - ``contract(packed, g)``: ``[k] = M @ g`` for ``g [P]`` (or ``[n, k]`` for ``g [n, P]``): the α-gradient
   ∂L/∂α_i = ⟨M_i, ∂L/∂W_eff ⊙ W⟩, read straight from the bits;
+- ``contract_factored(packed, delta, x, weight)``: ``[n, k]``, row r ``δ_rᵀ (W ⊙ M_i) x_r``: ``contract`` of
+  ``g_r = (δ_r x_rᵀ) ⊙ W`` (a linear layer's α-gradient for one sample) without forming g;
 - ``superpose(packed, alpha, P)``: ``[P] = Σ_i α_i M_i`` for ``alpha [k]`` (or ``[n, P]`` for ``[n, k]``);
 - ``unpack(packed, P, weight=None)``: ``[c, P]`` float masks of a few rows, times ``weight`` if given;
 - ``select(keep, weight)``: ``torch.where(keep, weight, 0.0)``, the effective weights of trained masks;
@@ -272,6 +274,19 @@ def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     else:
         out = _torch_contract(packed, g2)
     return out[0] if single else out
+
+
+def contract_factored(packed: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``[n, k]``: row r is ``delta_r [out]ᵀ (W ⊙ M_i) x_r [in]`` for ``weight [out, in]``, ``delta [n, out]``,
+    ``x [n, in]``: ``contract(packed, g)`` with ``g_r = (delta_r x_rᵀ) ⊙ W`` (the same float products; what
+    autograd gives one sample of a linear layer), without forming the ``[n, P]`` tensor g on the CPU."""
+    if weight.dim() != 2 or delta.shape != (x.shape[0], weight.shape[0]) or x.shape[1:] != weight.shape[1:]:
+        raise ValueError(f"expected delta [n, {weight.shape[0]}] and x [n, {weight.shape[-1]}] for weight "
+                         f"{tuple(weight.shape)}, got {tuple(delta.shape)} and {tuple(x.shape)}")
+    _check(packed, weight.numel())
+    if packed.device.type == "cpu" and backend_for(packed.device) == "native":
+        return native.contract_factored(_as_tiles(packed), delta, x, weight)
+    return contract(packed, ((delta[:, :, None] * x[:, None, :]) * weight).reshape(x.shape[0], -1))
 
 
 def superpose(packed: torch.Tensor, alpha: torch.Tensor, num_bits: int) -> torch.Tensor:

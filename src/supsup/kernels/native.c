@@ -24,11 +24,14 @@
 typedef struct {
     const uint32_t *tiles;
     int64_t k, cap, C, n;
-    const float *vec; /* contract: g [n, 32C]; superpose: alpha [n, k]; unpack: weight [32C] or NULL */
+    const float *vec; /* contract: g [n, 32C] (factored: the weight [32C]); superpose: alpha [n, k];
+                         unpack: weight [32C] or NULL */
     float *out;       /* contract: partial [n, k] of this thread; superpose: [n, 32C]; unpack: [k, P] */
     int64_t first, last; /* column range [first, last) (unpack: task range) of this thread */
-    int64_t P;        /* unpack only: floats per output row */
+    int64_t P;        /* unpack: floats per output row; factored contract: weights per mask */
     int failed;
+    const float *delta, *x; /* factored contract: g[o, i] = delta[o] x[i] w[o, i], delta [n, P / in], x [n, in] */
+    int64_t fan_in;
 } job_t;
 
 /* 1 if any of g[0 .. 32) is nonzero (NaN counts as nonzero, so it propagates) */
@@ -44,10 +47,12 @@ static inline int live32(const float *g) {
 #endif
 }
 
+#define COLUMN_BLOCK 256 /* contract: columns whose liveness (factored: whose g, 32 KiB) is found at a time */
+
+/* columns per block: with several right-hand sides few enough that their tiles stay in L2 for the next one */
 static int64_t columns_per_block(int64_t cap, int64_t n) {
-    if (n == 1) return INT64_MAX;
-    int64_t cols = BLOCK_BYTES / (4 * cap);
-    return cols < NC ? NC : cols;
+    const int64_t cols = n == 1 ? COLUMN_BLOCK : BLOCK_BYTES / (4 * cap);
+    return cols < NC ? NC : cols > COLUMN_BLOCK ? COLUMN_BLOCK : cols;
 }
 
 #ifdef __AVX512F__
@@ -78,11 +83,12 @@ static inline __m512 lookup(__m512i v, const __m512 *T) {
 /* out[t] += sum over the m columns col[0..m) of their dot products, for every task t < k, while the
  * following columns col[m .. m + ahead) are prefetched (a column of 16·64 tasks spans a 4 KiB page, which
  * the hardware prefetcher does not cross: measured 12-20% faster than without) */
-static void contract_columns(const job_t *J, const float *g, const int64_t *col, int m, int ahead, float *out) {
+static void contract_columns(const job_t *J, const float *const *g, const int64_t *col, int m, int ahead,
+                             float *out) {
     __m512 T[8 * NC];
     const uint32_t *src[NC], *next[NC];
     for (int q = 0; q < m; ++q) {
-        nibble_tables(g + 32 * col[q], T + 8 * q);
+        nibble_tables(g[q], T + 8 * q);
         src[q] = J->tiles + col[q] * J->cap;
     }
     for (int q = 0; q < ahead; ++q) next[q] = J->tiles + col[m + q] * J->cap;
@@ -96,11 +102,12 @@ static void contract_columns(const job_t *J, const float *g, const int64_t *col,
 }
 #else
 /* portable: byte tables (4 x 256 floats per column), one look-up per mask byte */
-static void contract_columns(const job_t *J, const float *g, const int64_t *col, int m, int ahead, float *out) {
+static void contract_columns(const job_t *J, const float *const *g, const int64_t *col, int m, int ahead,
+                             float *out) {
     (void)ahead;
     float T[4][256];
     for (int q = 0; q < m; ++q) {
-        const float *gc = g + 32 * col[q];
+        const float *gc = g[q];
         for (int b = 0; b < 4; ++b) {
             T[b][0] = 0.0f;
             for (int v = 1; v < 256; ++v) T[b][v] = T[b][v & (v - 1)] + gc[8 * b + __builtin_ctz(v)];
@@ -114,26 +121,65 @@ static void contract_columns(const job_t *J, const float *g, const int64_t *col,
 }
 #endif
 
+/* the 32 values g[p] = delta[o] x[i] w[p] (p = o in + i) of column c for right-hand side r, 0 past P;
+ * returns 0 without reading x or w when the delta of every row the column touches is zero */
+static int factored_column(const job_t *J, int64_t r, int64_t c, float *buf) {
+    const float *delta = J->delta + r * (J->P / J->fan_in), *x = J->x + r * J->fan_in, *w = J->vec;
+    const int64_t in = J->fan_in, p0 = 32 * c, o0 = p0 / in, i0 = p0 % in, valid = J->P - p0 < 32 ? J->P - p0 : 32;
+    if (in >= 32) { /* the column lies in rows o0 and (from lane in - i0 on) o0 + 1 */
+        const int64_t first = in - i0 < valid ? in - i0 : valid;
+        const float d0 = delta[o0], d1 = first < valid ? delta[o0 + 1] : 0.0f;
+        if (d0 == 0.0f && d1 == 0.0f) return 0;
+#ifdef __AVX512F__
+        const uint32_t in_first = first >= 32 ? 0xFFFFFFFFu : (1u << first) - 1;
+        const uint32_t in_valid = valid >= 32 ? 0xFFFFFFFFu : (1u << valid) - 1;
+        for (int h = 0; h < 2; ++h) {
+            const __mmask16 mf = (__mmask16)(in_first >> 16 * h), mv = (__mmask16)(in_valid >> 16 * h);
+            __m512 xv = _mm512_maskz_loadu_ps(mf, x + i0 + 16 * h);
+            xv = _mm512_mask_loadu_ps(xv, mv & ~mf, x + i0 - in + 16 * h); /* masked-off lanes are not read */
+            const __m512 dv = _mm512_mask_blend_ps(mf, _mm512_set1_ps(d1), _mm512_set1_ps(d0));
+            _mm512_storeu_ps(buf + 16 * h, _mm512_maskz_mul_ps(mv, _mm512_mul_ps(dv, xv), _mm512_maskz_loadu_ps(mv, w + p0 + 16 * h)));
+        }
+        return live32(buf);
+#endif
+    }
+    for (int64_t j = 0; j < 32; ++j)
+        buf[j] = j < valid ? delta[(p0 + j) / in] * x[(p0 + j) % in] * w[p0 + j] : 0.0f;
+    return live32(buf);
+}
+
 static void *contract_job(void *arg) {
     job_t *J = (job_t *)arg;
     const int64_t block = columns_per_block(J->cap, J->n);
-    int64_t *live = (int64_t *)malloc(sizeof(int64_t) * (size_t)(J->last - J->first + 1));
-    if (!live) { J->failed = 1; return NULL; }
-    for (int64_t c0 = J->first, c1; c0 < J->last; c0 = c1) {
-        c1 = J->last - c0 > block ? c0 + block : J->last;
-        for (int64_t r = 0; r < J->n; ++r) {
-            const float *g = J->vec + r * 32 * J->C;
-            int64_t count = 0;
-            for (int64_t c = c0; c < c1; ++c)
-                if (live32(g + 32 * c)) live[count++] = c;
-            for (int64_t i = 0; i < count; i += NC) {
-                const int m = count - i < NC ? (int)(count - i) : NC;
-                const int ahead = count - i - m < NC ? (int)(count - i - m) : NC;
-                contract_columns(J, g, live + i, m, ahead, J->out + r * J->k);
+    const int64_t most = J->last - J->first < block ? J->last - J->first + 1 : block;
+    int64_t *live = (int64_t *)malloc(sizeof(int64_t) * (size_t)most);
+    const float **g = (const float **)malloc(sizeof(float *) * (size_t)most);
+    float *formed = J->delta ? (float *)malloc(sizeof(float) * 32 * (size_t)most) : NULL;
+    if (!live || !g || (J->delta && !formed)) {
+        J->failed = 1;
+    } else {
+        for (int64_t c0 = J->first, c1; c0 < J->last; c0 = c1) {
+            c1 = J->last - c0 > block ? c0 + block : J->last;
+            for (int64_t r = 0; r < J->n; ++r) {
+                int64_t count = 0;
+                for (int64_t c = c0; c < c1; ++c) {
+                    const float *gc = J->delta ? formed + 32 * count : J->vec + (r * J->C + c) * 32;
+                    if (J->delta ? factored_column(J, r, c, formed + 32 * count) : live32(gc)) {
+                        live[count] = c;
+                        g[count++] = gc;
+                    }
+                }
+                for (int64_t i = 0; i < count; i += NC) {
+                    const int m = count - i < NC ? (int)(count - i) : NC;
+                    const int ahead = count - i - m < NC ? (int)(count - i - m) : NC;
+                    contract_columns(J, g + i, live + i, m, ahead, J->out + r * J->k);
+                }
             }
         }
     }
     free(live);
+    free(g);
+    free(formed);
     return NULL;
 }
 
@@ -234,14 +280,13 @@ static void split(job_t *jobs, int threads, job_t J, int64_t units, float *out, 
     }
 }
 
-/* out [n, k] = g [n, 32C] contracted with the bits of tiles [C][cap] (k tasks). Returns 0, or -1 when out of memory. */
-int ss_contract(const uint32_t *tiles, int64_t k, int64_t cap, int64_t C, const float *g, int64_t n, float *out,
-                int threads) {
-    threads = clamp_threads(threads, C);
+static int contract(job_t J, int threads, float *out) {
+    const int64_t n = J.n, k = J.k;
+    threads = clamp_threads(threads, J.C);
     float *partial = (float *)calloc((size_t)threads * n * k, sizeof(float));
     if (!partial) return -1;
-    job_t jobs[64], J = {tiles, k, cap, C, n, g, NULL, 0, 0, 0, 0};
-    split(jobs, threads, J, C, partial, n * k);
+    job_t jobs[64];
+    split(jobs, threads, J, J.C, partial, n * k);
     const int status = run_jobs(contract_job, jobs, threads);
     for (int64_t e = 0; e < n * k; ++e) {
         float s = 0;
@@ -252,11 +297,26 @@ int ss_contract(const uint32_t *tiles, int64_t k, int64_t cap, int64_t C, const 
     return status;
 }
 
+/* out [n, k] = g [n, 32C] contracted with the bits of tiles [C][cap] (k tasks). Returns 0, or -1 when out of memory. */
+int ss_contract(const uint32_t *tiles, int64_t k, int64_t cap, int64_t C, const float *g, int64_t n, float *out,
+                int threads) {
+    const job_t J = {tiles, k, cap, C, n, g, NULL, 0, 0, 0, 0, NULL, NULL, 0};
+    return contract(J, threads, out);
+}
+
+/* out [n, k]: row r is delta_r^T (W . M_t) x_r for delta [n, P / in], x [n, in], weight [32C] (zero past P):
+ * ss_contract of g_r = delta_r x_r^T . W without forming it; columns on rows whose delta is zero are skipped. */
+int ss_contract_factored(const uint32_t *tiles, int64_t k, int64_t cap, int64_t C, const float *delta, const float *x,
+                         int64_t fan_in, int64_t P, const float *weight, int64_t n, float *out, int threads) {
+    const job_t J = {tiles, k, cap, C, n, weight, NULL, 0, 0, P, 0, delta, x, fan_in};
+    return contract(J, threads, out);
+}
+
 /* out [n, 32C] = alpha [n, k] @ bits(tiles) (every entry written). */
 int ss_superpose(const uint32_t *tiles, int64_t k, int64_t cap, int64_t C, const float *alpha, int64_t n, float *out,
                  int threads) {
     threads = clamp_threads(threads, (C + NS - 1) / NS);
-    job_t jobs[64], J = {tiles, k, cap, C, n, alpha, out, 0, 0, 0, 0};
+    job_t jobs[64], J = {tiles, k, cap, C, n, alpha, out, 0, 0, 0, 0, NULL, NULL, 0};
     for (int i = 0; i < threads; ++i) { /* column ranges in whole groups of NS */
         jobs[i] = J;
         jobs[i].first = (C + NS - 1) / NS * i / threads * NS;
@@ -270,7 +330,7 @@ int ss_superpose(const uint32_t *tiles, int64_t k, int64_t cap, int64_t C, const
 int ss_unpack(const uint32_t *tiles, int64_t k, int64_t cap, int64_t C, int64_t P, const float *weight, float *out,
               int threads) {
     threads = clamp_threads(threads, k);
-    job_t jobs[64], J = {tiles, k, cap, C, 0, weight, NULL, 0, 0, P, 0};
+    job_t jobs[64], J = {tiles, k, cap, C, 0, weight, NULL, 0, 0, P, 0, NULL, NULL, 0};
     split(jobs, threads, J, k, out, 0);
     return run_jobs(unpack_job, jobs, threads);
 }

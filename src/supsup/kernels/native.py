@@ -63,6 +63,8 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     for name, args, result in (("ss_contract", [ptr, i64, i64, i64, ptr, i64, ptr, i32], i32),
+                               ("ss_contract_factored", [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64, ptr, i32],
+                                i32),
                                ("ss_superpose", [ptr, i64, i64, i64, ptr, i64, ptr, i32], i32),
                                ("ss_unpack", [ptr, i64, i64, i64, i64, ptr, ptr, i32], i32),
                                ("ss_to_tiles", [ptr, i64, i64, ptr, i64, i64], None),
@@ -139,6 +141,20 @@ def contract(tiles: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if k and library().ss_contract(ptr, k, cap, C, gp.data_ptr(), g.shape[0], out.data_ptr(),
                                    _threads(4 * k * C * g.shape[0])):
         raise MemoryError("ss_contract could not allocate its partial sums")
+    return out
+
+
+def contract_factored(tiles: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``[n, k]``: row r is ``delta_r [out]ᵀ (W ⊙ M_t) x_r [in]`` for ``weight [out, in]``, i.e. ``contract`` of
+    ``g_r = (delta_r x_rᵀ) ⊙ W`` (the same float products) without forming g."""
+    ptr, k, cap, C = _tiles(tiles)
+    delta, x = delta.to(torch.float32).contiguous(), x.to(torch.float32).contiguous()
+    w = _padded(weight.reshape(-1), 32 * C)
+    out = torch.empty(delta.shape[0], k, dtype=torch.float32)
+    if k and library().ss_contract_factored(ptr, k, cap, C, delta.data_ptr(), x.data_ptr(), weight.shape[1],
+                                            weight.numel(), w.data_ptr(), delta.shape[0], out.data_ptr(),
+                                            _threads(4 * k * C * delta.shape[0])):
+        raise MemoryError("ss_contract_factored could not allocate its partial sums")
     return out
 
 
