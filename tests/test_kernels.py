@@ -172,7 +172,8 @@ def test_native_kernels_without_avx512_equal_the_reference(tmp_path):
         "    assert torch.equal(native.unpack(t, p, v[0]), m.float() * v[0])\n"
         "    assert torch.equal(K.rows(t, (p + 7) // 8), pack_bits(m))\n"
         "    w = torch.randn(1, p, generator=g); d = torch.randn(2, 1, generator=g)\n"
-        "    assert torch.allclose(native.contract_factored(t, d, v, w), (d * v * w) @ m.float().T, rtol=1e-5, atol=1e-4)\n"
+        "    want = (d * v * w) @ m.float().T\n"
+        "    assert torch.allclose(native.contract_factored(t, d, v, w), want, rtol=1e-5, atol=1e-4)\n"
         "    keep = torch.rand(2, p, generator=g) < 0.5\n"
         "    assert torch.equal(native.select(keep, v[0]), torch.where(keep, v[0], 0.0))\n"
     )

@@ -132,7 +132,8 @@ class MaskBank(nn.Module):
             self.mask_sum.zero_()
             return
         ones = torch.ones(self.num_tasks, dtype=torch.float32, device=self.device)
-        self.mask_sum.copy_(kernels.superpose(self._stored, ones, self.num_weights).round().int())  # exact below 2^24 tasks
+        counts = kernels.superpose(self._stored, ones, self.num_weights)
+        self.mask_sum.copy_(counts.round().int())  # exact below 2^24 tasks
 
     # ------------------------------------------------------------------- state
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -170,7 +171,8 @@ class MaskBank(nn.Module):
     def masked_weight(self, task: int, weight: torch.Tensor) -> torch.Tensor:
         """``weight ⊙ M_task`` as ``[*shape]`` float32 in one pass over the bits."""
         self._check_task(task)
-        return kernels.unpack(kernels.tasks(self._packed, slice(task, task + 1)), self.num_weights, weight).view(self.shape)
+        one = kernels.tasks(self._packed, slice(task, task + 1))
+        return kernels.unpack(one, self.num_weights, weight).view(self.shape)
 
     def masks(self, tasks: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """Masks of several tasks, ``[n, *shape]`` (n small: this is a float/bool copy)."""
