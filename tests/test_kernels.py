@@ -141,12 +141,17 @@ def test_tiles_hold_the_rows_exactly_and_grow_without_loss():
 
 
 def test_select_is_torch_where_bit_for_bit():
-    """The effective weights of trained masks: same values and the same +0.0 where the mask drops a weight."""
+    """The effective weights of trained masks (given, or the threshold rule's s >= 0): same values and the same
+    +0.0 where the mask drops a weight."""
     gen = torch.Generator().manual_seed(6)
     for shape in [(3, 7), (4, 64), (2, 33, 5)]:
         weight = torch.randn(shape, generator=gen)
         keep = torch.rand(3, *shape, generator=gen) < 0.5
         got, want = kernels.select(keep, weight), torch.where(keep, weight, 0.0)
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+        scores = torch.randn(3, *shape, generator=gen)
+        scores.view(-1)[:3] = torch.tensor([-0.0, 0.0, float("nan")])
+        got, want = kernels.threshold_select(scores, weight), torch.where(scores >= 0, weight, 0.0)
         assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
 
 
@@ -176,6 +181,7 @@ def test_native_kernels_without_avx512_equal_the_reference(tmp_path):
         "    assert torch.allclose(native.contract_factored(t, d, v, w), want, rtol=1e-5, atol=1e-4)\n"
         "    keep = torch.rand(2, p, generator=g) < 0.5\n"
         "    assert torch.equal(native.select(keep, v[0]), torch.where(keep, v[0], 0.0))\n"
+        "    assert torch.equal(native.threshold_select(v, v[1]), torch.where(v >= 0, v[1], 0.0))\n"
     )
     import subprocess
     import sys

@@ -8,7 +8,7 @@ Two storage layouts of k masks, both accepted by every operation:
   a column whose gradient is zero is skipped without reading its bits, and 16 tasks fill one vector.
   ``new_store``, ``tasks``, ``write_rows``, ``rows`` and ``relayout`` hide the difference from the bank.
 
-Six operations, each with one signature and several backends:
+Seven operations, each with one signature and several backends:
 
 - ``contract(packed, g)``: ``[k] = M @ g`` for ``g [P]`` (or ``[n, k]`` for ``g [n, P]``): the α-gradient
   ∂L/∂α_i = ⟨M_i, ∂L/∂W_eff ⊙ W⟩, read straight from the bits;
@@ -16,7 +16,8 @@ Six operations, each with one signature and several backends:
   ``g_r = (δ_r x_rᵀ) ⊙ W`` (a linear layer's α-gradient for one sample) without forming g;
 - ``superpose(packed, alpha, P)``: ``[P] = Σ_i α_i M_i`` for ``alpha [k]`` (or ``[n, P]`` for ``[n, k]``);
 - ``unpack(packed, P, weight=None)``: ``[c, P]`` float masks of a few rows, times ``weight`` if given;
-- ``select(keep, weight)``: ``torch.where(keep, weight, 0.0)``, the effective weights of trained masks;
+- ``select(keep, weight)``: ``torch.where(keep, weight, 0.0)``, the effective weights of trained masks, and
+  ``threshold_select(scores, weight)``: the same for ``keep = scores >= 0`` without forming keep;
 - ``topk_cutoffs(rows, keeps)``: the cut of every top-k selection (training masks of all layers at once),
   by a batched radix select in Triton, or one ``kthvalue`` per tensor elsewhere.
 
@@ -329,6 +330,15 @@ def select(keep: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             and keep.device.type == "cpu" and backend_for(keep.device) == "native":
         return native.select(keep, weight)
     return torch.where(keep, weight, 0.0)
+
+
+def threshold_select(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``torch.where(scores >= 0, weight, 0.0)``: ``scores [K, *shape]``, ``weight [*shape]`` -> ``[K, *shape]``.
+    On the CPU one pass in C (``scores >= 0`` alone took 2.5x a copy of the scores here)."""
+    if weight.dtype == scores.dtype == torch.float32 and scores.shape[1:] == weight.shape \
+            and scores.device.type == "cpu" and backend_for(scores.device) == "native":
+        return native.threshold_select(scores, weight)
+    return torch.where(scores >= 0, weight, 0.0)
 
 
 def _torch_topk_cutoffs(rows: list[torch.Tensor], keeps: list[int]) -> torch.Tensor:

@@ -372,6 +372,22 @@ void ss_to_rows(const uint32_t *tiles, int64_t k, int64_t cap, int64_t R, uint8_
     }
 }
 
+/* out [K, P] = s >= 0 ? w : +0.0 for scores s [K, P] and w [P] (torch.where(s >= 0, w, 0.0); NaN: 0), one pass. */
+void ss_threshold_select(const float *s, int64_t K, int64_t P, const float *w, float *out) {
+    for (int64_t t = 0; t < K; ++t) {
+        const float *st = s + t * P;
+        float *o = out + t * P;
+        int64_t p = 0;
+#ifdef __AVX512F__
+        const __m512 zero = _mm512_setzero_ps();
+        for (; p + 16 <= P; p += 16)
+            _mm512_storeu_ps(o + p, _mm512_maskz_loadu_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(st + p), zero, _CMP_GE_OQ),
+                                                          w + p));
+#endif
+        for (; p < P; ++p) o[p] = st[p] >= 0.0f ? w[p] : 0.0f;
+    }
+}
+
 /* out [K, P] = keep ? w : +0.0 for bool keep [K, P] and w [P] (torch.where(keep, w, 0.0), one pass). */
 void ss_select(const uint8_t *keep, int64_t K, int64_t P, const float *w, float *out) {
     for (int64_t t = 0; t < K; ++t) {

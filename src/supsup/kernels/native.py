@@ -69,7 +69,8 @@ def _build() -> ctypes.CDLL:
                                ("ss_unpack", [ptr, i64, i64, i64, i64, ptr, ptr, i32], i32),
                                ("ss_to_tiles", [ptr, i64, i64, ptr, i64, i64], None),
                                ("ss_to_rows", [ptr, i64, i64, i64, ptr], None),
-                               ("ss_select", [ptr, i64, i64, ptr, ptr], None)):
+                               ("ss_select", [ptr, i64, i64, ptr, ptr], None),
+                               ("ss_threshold_select", [ptr, i64, i64, ptr, ptr], None)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, result
     return lib
@@ -199,6 +200,15 @@ def read_rows(tiles: torch.Tensor, row_bytes: int) -> torch.Tensor:
     rows = torch.empty(k, row_bytes, dtype=torch.uint8)
     library().ss_to_rows(ptr, k, cap, row_bytes, rows.data_ptr())
     return rows
+
+
+def threshold_select(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``torch.where(scores >= 0, weight, 0.0)`` for float32 ``scores [K, *shape]``, ``weight [*shape]``, one pass."""
+    scores, weight = scores.contiguous(), weight.contiguous()
+    out = torch.empty(scores.shape, dtype=torch.float32)
+    library().ss_threshold_select(scores.data_ptr(), scores.numel() // max(weight.numel(), 1), weight.numel(),
+                                  weight.data_ptr(), out.data_ptr())
+    return out
 
 
 def select(keep: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
