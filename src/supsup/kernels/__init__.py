@@ -123,10 +123,11 @@ def _is_tiles(packed: torch.Tensor) -> bool:
 
 def new_store(capacity: int, row_bytes: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Zeroed room for ``capacity`` masks of ``row_bytes`` bytes, in the layout of ``device``: rows
-    ``[capacity, R]``, or tiles ``[⌈R/4⌉, capacity rounded up to TILE_TASKS, 4]``."""
+    ``[capacity, R]``, or tiles ``[⌈R/4⌉, capacity', 4]``, capacity' = capacity rounded up to a multiple of
+    TILE_TASKS from TILE_TASKS on (a column of a smaller bank is read whole, so it is not padded)."""
     device = torch.device(device or "cpu")
     if tiled(device):
-        cap = -(-max(capacity, 1) // TILE_TASKS) * TILE_TASKS
+        cap = max(capacity, 1) if capacity < TILE_TASKS else -(-capacity // TILE_TASKS) * TILE_TASKS
         return torch.zeros((row_bytes + 3) // 4, cap, 4, dtype=torch.uint8, device=device)
     return torch.zeros(max(capacity, 1), row_bytes, dtype=torch.uint8, device=device)
 
