@@ -83,7 +83,7 @@ def test_kernels_equal_the_float_reference_on_random_masks(name, layout):
 @pytest.mark.parametrize("name", cpu_backends())
 @pytest.mark.parametrize("layout", layouts("cpu"))
 def test_contraction_skips_zero_stretches_of_the_gradient_exactly(name, layout):
-    """Dead ReLUs zero whole rows of g = ∂L/∂W_eff ⊙ W, zero inputs whole columns; skipping them changes nothing."""
+    """Dead ReLUs zero whole rows of g = ∂L/∂W_eff ⊙ W, zero inputs scattered columns; skipping changes nothing."""
     gen = torch.Generator().manual_seed(4)
     masks = torch.rand(40, 300, 50, generator=gen) < 0.5  # [k, out, in]: 300 rows of 50 weights
     delta = torch.randn(300, 1, generator=gen) * (torch.rand(300, 1, generator=gen) < 0.3)  # 70% of rows zero
@@ -119,6 +119,30 @@ def test_factored_contraction_equals_the_contraction_of_the_outer_product(name, 
             formed = kernels.contract(packed, g)
         assert torch.allclose(got, g @ masks.float().T, **TOL), (out, inp, k, (got - g @ masks.float().T).abs().max())
         assert torch.equal(got, formed) and torch.equal(got[1], torch.zeros(k))
+
+
+@pytest.mark.skipif(not kernels.native.available(), reason="no native kernels")
+def test_native_kernels_on_two_threads_equal_the_reference():
+    """Work above native.THREADS_FROM_BYTES is split over column ranges of two threads (partial sums added)."""
+    gen = torch.Generator().manual_seed(9)
+    k, out, inp = 70, 300, 1000  # 70 × 37,500 bytes of masks: two threads
+    masks = torch.rand(k, out * inp, generator=gen) < 0.5
+    packed = in_layout(pack_bits(masks), "tiles")
+    weight = torch.randn(out, inp, generator=gen)
+    delta, x = torch.randn(2, out, generator=gen), torch.randn(2, inp, generator=gen)
+    g = ((delta[:, :, None] * x[:, None, :]) * weight).reshape(2, -1)
+    alpha = torch.randn(2, k, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert kernels.native._threads(4 * k * packed.shape[0]) == 2
+        got = kernels.contract(packed, g), kernels.contract_factored(packed, delta, x, weight), \
+            kernels.superpose(packed, alpha, out * inp)
+    finally:
+        torch.set_num_threads(threads)
+    stack = masks.float()
+    assert torch.allclose(got[0], g @ stack.T, rtol=1e-4, atol=1e-2) and torch.equal(got[0], got[1])
+    assert torch.allclose(got[2], alpha @ stack, rtol=1e-4, atol=1e-3)
 
 
 def test_tiles_hold_the_rows_exactly_and_grow_without_loss():
@@ -193,7 +217,7 @@ def test_native_kernels_without_avx512_equal_the_reference(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mnist_lenet(mnist):
+def mnist_lenet(mnist, one_thread):
     """LeNet with 3 tasks trained on PermutedMNIST (masks learned from real data) and real test images."""
     stream = PermutedMNIST(mnist, 3, seed=2)
     model = build_model("lenet", output_size=50, seed=2)
