@@ -85,6 +85,9 @@ def test_superpose_and_contract_match_the_float_stack():
     alphas = torch.randn(4, 40)
     assert torch.allclose(bank.superpose_many(alphas).reshape(4, -1), alphas @ stack, atol=1e-5)
     assert torch.equal(bank.masked_weight(5, g), g * masks[5])
+    delta, x = torch.randn(2, 6), torch.randn(2, 21)
+    want = ((delta[:, :, None] * x[:, None, :]) * g).reshape(2, -1) @ stack.T
+    assert torch.allclose(bank.contract_factored(delta, x, g), want, atol=1e-5)
 
 
 def test_bank_errors_say_what_was_expected():
@@ -101,3 +104,21 @@ def test_bank_errors_say_what_was_expected():
     with pytest.raises(ValueError, match="kernel backend"):
         with kernels.use_backend("fortran"):
             pass
+
+
+def test_moving_a_bank_puts_its_masks_in_the_layout_of_the_device(monkeypatch):
+    """Rows on a device without the CPU kernels (e.g. a GPU), tiles on the CPU: ``.to()`` converts (here a
+    device without tiles is simulated by switching them off), and every mask survives both ways."""
+    if not kernels.tiled("cpu"):
+        pytest.skip("no native kernels: the CPU keeps rows too, nothing to convert")
+    shape, masks = (9, 13), random_masks(21, (9, 13), seed=4)
+    bank = MaskBank(shape)
+    bank.add(masks)
+    assert bank._packed.dim() == 3  # tiles
+    monkeypatch.setattr(kernels, "tiled", lambda device: False)
+    bank.to("cpu")
+    assert bank._packed.dim() == 2 and torch.equal(bank.masks(torch.arange(21)), masks)
+    monkeypatch.undo()
+    bank.to("cpu")
+    assert bank._packed.dim() == 3 and torch.equal(bank.masks(torch.arange(21)), masks)
+    assert torch.equal(bank.mask_sum, masks.reshape(21, -1).sum(0).int())

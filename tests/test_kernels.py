@@ -1,14 +1,17 @@
 """Superposition from packed bits equals the float reference: kernel by kernel (every backend this
-machine has, the Triton kernel on a GPU), and through the layers' autograd (values, α-gradients and
-input gradients; shared and per-sample α; Linear and Conv2d)."""
+machine has, both storage layouts, the Triton kernel on a GPU), on trained masks with real images, and
+through the layers' autograd (values, α-gradients and input gradients; shared and per-sample α; Linear
+and Conv2d)."""
 
 import os
 
 import pytest
 import torch
 
-from supsup import kernels
+from supsup import alpha_gradient, build_model, kernels
 from supsup import layers as layers_module
+from supsup.data.streams import PermutedMNIST
+from supsup.learners import TrainConfig, train_task_group
 from supsup.layers import SupermaskConv2d, SupermaskLinear, Superposition
 from supsup.masks import pack_bits
 
@@ -22,7 +25,22 @@ def cpu_backends():
     return names
 
 
-CASES = [(1, 8), (3, 91), (40, 1000), (70, 4099), (5, 8 * 300 + 3)]  # (k, P): odd sizes and tails
+def layouts(device):
+    return ["rows", "tiles"] if kernels.tiled(device) else ["rows"]
+
+
+def in_layout(rows, layout):
+    """``rows [k, R]`` as given, or copied into a tile store (the CPU bank's layout) and viewed as its k tasks."""
+    if layout == "rows":
+        return rows
+    store = kernels.new_store(rows.shape[0] + 5, rows.shape[1], rows.device)  # spare capacity: a strided view
+    kernels.write_rows(store, 0, rows)
+    return kernels.tasks(store, slice(0, rows.shape[0]))
+
+
+# (k, P): k below, at and past the 16 tasks of a vector; P with tails of a byte and of a 32-weight column
+CASES = [(1, 8), (3, 91), (16, 32 * 37), (17, 1000), (40, 1000), (70, 4099), (5, 8 * 300 + 3)]
+TOL = dict(rtol=1e-5, atol=1e-4)  # float32 sums in another order than the matmul reference
 
 
 def reference(masks, g, alpha):
@@ -30,12 +48,15 @@ def reference(masks, g, alpha):
     return g @ stack.T, alpha @ stack
 
 
-def check_backend(name, device):
+def check_backend(name, device, layout):
     gen = torch.Generator().manual_seed(0)
     for k, p in CASES:
         masks = torch.rand(k, p, generator=gen) < 0.5
-        packed = pack_bits(masks).to(device)
-        g, alpha = torch.randn(3, p, generator=gen), torch.randn(2, k, generator=gen)
+        packed = in_layout(pack_bits(masks).to(device), layout)
+        g, alpha = torch.randn(4, p, generator=gen), torch.randn(2, k, generator=gen)
+        g[2] = 0  # all zero: every column skipped
+        g[3, : p // 2] = 0  # a zero stretch, then no zero
+        alpha[1, ::2] = 0  # zero mixing weights are skipped
         want_c, want_s = reference(masks, g, alpha)
         with kernels.use_backend(name):
             got_c = kernels.contract(packed, g.to(device)).cpu()
@@ -43,29 +64,120 @@ def check_backend(name, device):
             got_s = kernels.superpose(packed, alpha.to(device), p).cpu()
             got_s1 = kernels.superpose(packed, alpha[1].to(device), p).cpu()
             unpacked = kernels.unpack(packed, p, g[0].to(device)).cpu()
-        tol = dict(rtol=1e-5, atol=1e-4)
-        assert torch.allclose(got_c, want_c, **tol), (name, k, p, (got_c - want_c).abs().max())
-        assert torch.allclose(got_c1, want_c[0], **tol)
-        assert torch.allclose(got_s, want_s, **tol), (name, k, p, (got_s - want_s).abs().max())
-        assert torch.allclose(got_s1, want_s[1], **tol)
+            ones = kernels.unpack(kernels.tasks(packed, slice(k - 1, k)), p).cpu()
+        assert torch.allclose(got_c, want_c, **TOL), (name, layout, k, p, (got_c - want_c).abs().max())
+        assert torch.equal(got_c[2], torch.zeros(k))
+        assert torch.allclose(got_c1, want_c[0], **TOL)
+        assert torch.allclose(got_s, want_s, **TOL), (name, layout, k, p, (got_s - want_s).abs().max())
+        assert torch.allclose(got_s1, want_s[1], **TOL)
         assert torch.equal(unpacked, masks.float() * g[0])
+        assert torch.equal(ones[0], masks[-1].float())
 
 
 @pytest.mark.parametrize("name", cpu_backends())
-def test_kernels_equal_the_float_reference_on_random_masks(name):
-    check_backend(name, torch.device("cpu"))
+@pytest.mark.parametrize("layout", layouts("cpu"))
+def test_kernels_equal_the_float_reference_on_random_masks(name, layout):
+    check_backend(name, torch.device("cpu"), layout)
 
 
 @pytest.mark.parametrize("name", cpu_backends())
-def test_contraction_skips_zero_stretches_of_the_gradient_exactly(name):
-    """Rows of dead ReLUs make whole stretches of ∂L/∂W_eff ⊙ W zero; skipping them changes nothing."""
+@pytest.mark.parametrize("layout", layouts("cpu"))
+def test_contraction_skips_zero_stretches_of_the_gradient_exactly(name, layout):
+    """Dead ReLUs zero whole rows of g = ∂L/∂W_eff ⊙ W, zero inputs scattered columns; skipping changes nothing."""
     gen = torch.Generator().manual_seed(4)
     masks = torch.rand(40, 300, 50, generator=gen) < 0.5  # [k, out, in]: 300 rows of 50 weights
-    g = torch.randn(300, 50, generator=gen) * (torch.rand(300, 1, generator=gen) < 0.3)  # 70% of rows zero
-    g[:, :7] = 0
+    delta = torch.randn(300, 1, generator=gen) * (torch.rand(300, 1, generator=gen) < 0.3)  # 70% of rows zero
+    x = torch.randn(1, 50, generator=gen) * (torch.rand(1, 50, generator=gen) < 0.4)  # 60% of inputs zero
+    g = (delta * x).reshape(-1)
+    flat = masks.reshape(40, -1)
+    packed = in_layout(pack_bits(flat), layout)
     with kernels.use_backend(name):
-        got = kernels.contract(pack_bits(masks.reshape(40, -1)), g.reshape(-1))
-    assert torch.allclose(got, masks.reshape(40, -1).float() @ g.reshape(-1), rtol=1e-5, atol=1e-4)
+        got = kernels.contract(packed, g)
+        dead = g.clone()
+        dead[(delta[:, 0] == 0).nonzero()[0, 0] * 50] = float("nan")  # a NaN in a skipped stretch is not skipped
+        poisoned = kernels.contract(packed, dead)
+    assert torch.allclose(got, flat.float() @ g, **TOL)
+    assert poisoned[flat[:, (delta[:, 0] == 0).nonzero()[0, 0] * 50]].isnan().all()
+
+
+@pytest.mark.parametrize("name", cpu_backends())
+@pytest.mark.parametrize("layout", layouts("cpu"))
+def test_factored_contraction_equals_the_contraction_of_the_outer_product(name, layout):
+    """δᵀ(W ⊙ M)x from the factors: rows of 7 (< one column), 50 and 100 inputs (columns across rows), P not a
+    multiple of 32, several samples, dead rows (δ = 0) and zero inputs; the native kernel forms the same g."""
+    gen = torch.Generator().manual_seed(8)
+    for out, inp, k in [(5, 7, 3), (300, 50, 17), (61, 100, 40)]:
+        weight = torch.randn(out, inp, generator=gen)
+        masks = torch.rand(k, out * inp, generator=gen) < 0.5
+        delta = torch.randn(4, out, generator=gen) * (torch.rand(4, out, generator=gen) < 0.5)
+        x = torch.relu(torch.randn(4, inp, generator=gen))
+        delta[1] = 0
+        g = ((delta[:, :, None] * x[:, None, :]) * weight).reshape(4, -1)
+        packed = in_layout(pack_bits(masks), layout)
+        with kernels.use_backend(name):
+            got = kernels.contract_factored(packed, delta, x, weight)
+            formed = kernels.contract(packed, g)
+        assert torch.allclose(got, g @ masks.float().T, **TOL), (out, inp, k, (got - g @ masks.float().T).abs().max())
+        assert torch.equal(got, formed) and torch.equal(got[1], torch.zeros(k))
+
+
+@pytest.mark.skipif(not kernels.native.available(), reason="no native kernels")
+def test_native_kernels_on_two_threads_equal_the_reference():
+    """Work above native.THREADS_FROM_BYTES is split over column ranges of two threads (partial sums added)."""
+    gen = torch.Generator().manual_seed(9)
+    k, out, inp = 70, 300, 1000  # 70 × 37,500 bytes of masks: two threads
+    masks = torch.rand(k, out * inp, generator=gen) < 0.5
+    packed = in_layout(pack_bits(masks), "tiles")
+    weight = torch.randn(out, inp, generator=gen)
+    delta, x = torch.randn(2, out, generator=gen), torch.randn(2, inp, generator=gen)
+    g = ((delta[:, :, None] * x[:, None, :]) * weight).reshape(2, -1)
+    alpha = torch.randn(2, k, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert kernels.native._threads(4 * k * packed.shape[0]) == 2
+        got = kernels.contract(packed, g), kernels.contract_factored(packed, delta, x, weight), \
+            kernels.superpose(packed, alpha, out * inp)
+    finally:
+        torch.set_num_threads(threads)
+    stack = masks.float()
+    assert torch.allclose(got[0], g @ stack.T, rtol=1e-4, atol=1e-2) and torch.equal(got[0], got[1])
+    assert torch.allclose(got[2], alpha @ stack, rtol=1e-4, atol=1e-3)
+
+
+def test_tiles_hold_the_rows_exactly_and_grow_without_loss():
+    if not kernels.tiled("cpu"):
+        pytest.skip(f"no native kernels: {kernels.native.why_unavailable()}")
+    gen = torch.Generator().manual_seed(5)
+    for k, row_bytes in [(1, 1), (19, 5), (40, 3750)]:
+        rows = torch.randint(0, 256, (k, row_bytes), dtype=torch.uint8, generator=gen)
+        store = kernels.new_store(k, row_bytes)
+        cap = k if k < kernels.TILE_TASKS else -(-k // kernels.TILE_TASKS) * kernels.TILE_TASKS
+        assert store.shape == ((row_bytes + 3) // 4, cap, 4)
+        kernels.write_rows(store, 0, rows[: k // 2])
+        kernels.write_rows(store, k // 2, rows[k // 2 :])
+        assert torch.equal(kernels.rows(kernels.tasks(store, slice(0, k)), row_bytes), rows)
+        picked = torch.tensor([k - 1, 0])
+        assert torch.equal(kernels.rows(kernels.tasks(store, picked), row_bytes), rows[picked])
+        assert torch.equal(kernels._torch_rows(kernels.tasks(store, slice(0, k)), row_bytes), rows)  # the GPU's way
+        assert kernels.relayout(store, row_bytes) is store
+        moved = kernels.relayout(rows.clone(), row_bytes)  # rows arriving on the CPU become tiles
+        assert moved.dim() == 3 and torch.equal(kernels.rows(kernels.tasks(moved, slice(0, k)), row_bytes), rows)
+
+
+def test_select_is_torch_where_bit_for_bit():
+    """The effective weights of trained masks (given, or the threshold rule's s >= 0): same values and the same
+    +0.0 where the mask drops a weight."""
+    gen = torch.Generator().manual_seed(6)
+    for shape in [(3, 7), (4, 64), (2, 33, 5)]:
+        weight = torch.randn(shape, generator=gen)
+        keep = torch.rand(3, *shape, generator=gen) < 0.5
+        got, want = kernels.select(keep, weight), torch.where(keep, weight, 0.0)
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+        scores = torch.randn(3, *shape, generator=gen)
+        scores.view(-1)[:3] = torch.tensor([-0.0, 0.0, float("nan")])
+        got, want = kernels.threshold_select(scores, weight), torch.where(scores >= 0, weight, 0.0)
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
 
 
 def test_native_kernels_without_avx512_equal_the_reference(tmp_path):
@@ -82,11 +194,19 @@ def test_native_kernels_without_avx512_equal_the_reference(tmp_path):
         "g = torch.Generator().manual_seed(0)\n"
         "for k, p in [(3, 91), (40, 4099)]:\n"
         "    m = torch.rand(k, p, generator=g) < 0.5\n"
+        "    t = K.new_store(k, (p + 7) // 8); K.write_rows(t, 0, pack_bits(m)); t = K.tasks(t, slice(0, k))\n"
         "    v = torch.randn(2, p, generator=g); v[:, 64:640] = 0\n"
-        "    a = torch.randn(2, k, generator=g)\n"
-        "    assert torch.allclose(native.contract(pack_bits(m), v), v @ m.float().T, rtol=1e-5, atol=1e-4)\n"
-        "    assert torch.allclose(native.superpose(pack_bits(m), a, p), a @ m.float(), rtol=1e-5, atol=1e-4)\n"
-        "    assert torch.equal(native.unpack(pack_bits(m), p, v[0]), m.float() * v[0])\n"
+        "    a = torch.randn(2, k, generator=g); a[:, 1] = 0\n"
+        "    assert torch.allclose(native.contract(t, v), v @ m.float().T, rtol=1e-5, atol=1e-4)\n"
+        "    assert torch.allclose(native.superpose(t, a, p), a @ m.float(), rtol=1e-5, atol=1e-4)\n"
+        "    assert torch.equal(native.unpack(t, p, v[0]), m.float() * v[0])\n"
+        "    assert torch.equal(K.rows(t, (p + 7) // 8), pack_bits(m))\n"
+        "    w = torch.randn(1, p, generator=g); d = torch.randn(2, 1, generator=g)\n"
+        "    want = (d * v * w) @ m.float().T\n"
+        "    assert torch.allclose(native.contract_factored(t, d, v, w), want, rtol=1e-5, atol=1e-4)\n"
+        "    keep = torch.rand(2, p, generator=g) < 0.5\n"
+        "    assert torch.equal(native.select(keep, v[0]), torch.where(keep, v[0], 0.0))\n"
+        "    assert torch.equal(native.threshold_select(v, v[1]), torch.where(v >= 0, v[1], 0.0))\n"
     )
     import subprocess
     import sys
@@ -96,12 +216,36 @@ def test_native_kernels_without_avx512_equal_the_reference(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.fixture(scope="module")
+def mnist_lenet(mnist, one_thread):
+    """LeNet with 3 tasks trained on PermutedMNIST (masks learned from real data) and real test images."""
+    stream = PermutedMNIST(mnist, 3, seed=2)
+    model = build_model("lenet", output_size=50, seed=2)
+    for _ in range(3):
+        train_task_group(model, stream, TrainConfig(batches_per_task=30))
+    return model, torch.cat([stream.test_set(t)[0][:6] for t in range(3)])
+
+
+@pytest.mark.skipif(not kernels.native.available(), reason="no native kernels")
+def test_alpha_gradients_on_trained_masks_and_real_images_equal_the_float_reference(mnist_lenet):
+    model, x = mnist_lenet
+    k = model.num_tasks
+    gen = torch.Generator().manual_seed(7)
+    cases = [(x[:1], torch.full((k,), 1 / k), True), (x, torch.rand(k, generator=gen), False),
+             (x, torch.rand(x.shape[0], k, generator=gen), False), (x, torch.full((x.shape[0], k), 1 / k), True)]
+    for xs, alpha, uniform in cases:
+        got = alpha_gradient(model, xs, alpha, uniform=uniform)
+        with kernels.use_backend("torch"):
+            want = alpha_gradient(model, xs, alpha, uniform=uniform)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (tuple(alpha.shape), (got - want).abs().max())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("name", ["torch", "triton"])
 def test_gpu_kernels_equal_the_float_reference_on_random_masks(name):
     if name == "triton" and not kernels.triton_available():
         pytest.skip("triton is not installed")
-    check_backend(name, torch.device("cuda"))
+    check_backend(name, torch.device("cuda"), "rows")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not kernels.triton_available(), reason="needs triton and a GPU")

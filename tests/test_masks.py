@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supsup.masks import (kept_count, masked_weight, pack_bits, packed_size, threshold_mask, topk_keep, topk_keep_many,
-                          unpack_bits)
+from supsup.masks import (kept_count, masked_weight, pack_bits, packed_size, threshold_mask, threshold_weight,
+                          topk_keep, topk_keep_many, unpack_bits)
 
 
 def test_threshold_mask_is_scores_at_least_zero_with_identity_gradient():
@@ -38,6 +38,31 @@ def test_threshold_weight_gradient_is_upstream_times_weight():
     assert effective.tolist() == [0.0, -2.0, 2.0]
     (effective * torch.tensor([1.0, 3.0, -1.0])).sum().backward()
     assert scores.grad.tolist() == [2.0, -6.0, -2.0]
+
+
+def test_masked_weight_equals_torch_where_bit_for_bit_for_k_tasks():
+    """W ⊙ M for K stacked masks over one weight (a C kernel on the CPU): the values of ``torch.where``,
+    including +0.0 (not -0.0) where a negative weight is dropped."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(37, 29, generator=gen)
+    scores = torch.randn(5, 37, 29, generator=gen)
+    effective = masked_weight(scores, weight, scores >= 0, "threshold")
+    want = torch.where(scores >= 0, weight, 0.0)
+    assert torch.equal(effective, want) and torch.equal(effective.signbit(), want.signbit())
+
+
+def test_threshold_weight_is_masked_weight_with_the_threshold_rule_in_values_and_gradient():
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(37, 29, generator=gen)
+    scores = torch.randn(3, 37, 29, generator=gen)
+    scores[0, 0, :5] = torch.tensor([0.0, -0.0, float("nan"), 1e-30, -1e-30])
+    upstream = torch.randn(3, 37, 29, generator=gen)
+    a, b = scores.clone().requires_grad_(True), scores.clone().requires_grad_(True)
+    fused, reference = threshold_weight(a, weight), masked_weight(b, weight, b >= 0, "threshold")
+    assert torch.equal(fused, reference) and torch.equal(fused.signbit(), reference.signbit())
+    (fused * upstream).sum().backward()
+    (reference * upstream).sum().backward()
+    assert torch.equal(a.grad, b.grad)
 
 
 @settings(max_examples=30, deadline=None)

@@ -5,16 +5,22 @@ Rows (``run_benchmarks``):
 - ``train``: one training step per task per batch (FC 1024-1024, output 500, batch 128, threshold masks,
   RMSprop), K = 1 and K tasks batched, against a dense step of the same network (forward + backward;
   ``dense_step_ms`` adds the optimiser step);
-- ``oneshot``: One-Shot task inference on one image (entropy, α = 1/k) against k, against a dense forward +
-  backward of one image; with the bytes the masks take and the peak memory;
+- ``oneshot``: One-Shot task inference on one real MNIST test image (normalised, as a PermutedMNIST task
+  feeds it; a different image each repetition; random images only when MNIST is not at hand) against k,
+  against a dense forward + backward of the same image and against one ``memcpy`` of as many bytes as
+  the masks take (the floor of any method that reads every mask once); with the peak memory;
 - ``kernel``: the bank's two primitives (``contract`` = M @ g, ``superpose`` = Σ α_i M_i) per backend,
   as effective bandwidth over the packed bits.
 
-Timings are medians of repeated runs (CPU: wall clock; CUDA: synchronised wall clock).
+Timings are medians of repeated runs (CPU: wall clock; CUDA: synchronised wall clock); every row also
+records its run-to-run spread (interquartile range / median), on the CPU the same ratios in CPU time
+(which a busy machine inflates far less), and ``meta`` the machine (CPU model and flags, load average
+before and after).
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import gc
 import json
@@ -24,6 +30,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,13 +42,16 @@ from supsup.architectures import ARCHITECTURES, build_model
 from supsup.inference import Inference, infer_tasks
 from supsup.model import SupermaskModel
 
-#: The goals of issue 4 (ms or ratios), printed beside the measured figures.
+#: The goals of issues 4 and 15 (ms or ratios; CPU goals on one thread), printed beside the measured figures.
 GOALS = {
-    ("train", "cpu", 1): "<= 1.5x dense",
-    ("train", "cpu", "batched"): "<= 1.3x dense per task",
+    ("train", "cpu", 1): "<= 1.4x dense",
+    ("train", "cpu", 8): "<= 1.25x dense per task",
     ("train", "cuda", "batched"): "<= 0.04 ms per task (H200)",
     ("oneshot", "cpu", "fc1024", 50): "<= 30 ms",
+    ("oneshot", "cpu", "fc1024", 1000): "<= 40 ms",
     ("oneshot", "cpu", "lenet", 250): "<= 15 ms",
+    ("oneshot", "cpu", "lenet", 2500): "<= 1.0x memcpy of its masks",
+    ("oneshot", "cpu", "lenet", 10000): "<= 30 ms",
     ("oneshot", "cuda", "lenet", 2500): "<= 0.2 ms, masks <= 100 MB (H200)",
     ("oneshot", "cuda", "lenet", 100000): "<= 2 ms, fits in memory",
 }
@@ -71,25 +81,47 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: i
     return statistics.median(times)
 
 
+def spread(times: list[float]) -> float:
+    """Run-to-run spread of repeated timings: interquartile range / median (0.1 = 10%)."""
+    if len(times) < 4:
+        return (max(times) - min(times)) / statistics.median(times)
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / statistics.median(times)
+
+
+@dataclass
+class Timings:
+    """Milliseconds of every repetition: ``wall`` clock, and ``cpu``, the CPU time this process used (on a
+    shared machine it excludes the time spent waiting for a core, so it is far less sensitive to the load;
+    with several threads it adds them up)."""
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+    def median(self, name: str, kind: str = "wall") -> float:
+        return statistics.median(getattr(self, kind)[name])
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 2,
-                     budget_s: float | None = None) -> dict[str, float]:
-    """Median milliseconds of each function, run in turn within every repetition, so that a change in
-    the machine's load during the measurement hits all of them alike (the ratios stay meaningful)."""
+                     budget_s: float | None = None) -> Timings:
+    """Every repetition of each function, run in turn within every repetition, so that a change in the
+    machine's load during the measurement hits all of them alike (the ratios stay meaningful)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times = Timings({name: [] for name in fns}, {name: [] for name in fns})
     start_all = time.perf_counter()
     for _ in range(reps):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-        if budget_s is not None and time.perf_counter() - start_all > budget_s and len(times[name]) >= 3:
+            times.wall[name].append((time.perf_counter() - start) * 1e3)
+            times.cpu[name].append((time.process_time() - start_cpu) * 1e3)
+        if budget_s is not None and time.perf_counter() - start_all > budget_s and len(times.wall[name]) >= 3:
             break
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def _peak_reset(device: torch.device) -> None:
@@ -105,6 +137,10 @@ def _peak_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+#: CPU flags shown in the table's title (all of them are in ``meta.cpu_flags``).
+KEY_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vbmi", "amx_tile", "hypervisor")
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -113,14 +149,17 @@ def machine_info(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "kernel_backend": kernels.backend_for(device),
+        "cpu_count": os.cpu_count(),
     }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+    if hasattr(os, "getloadavg"):
         info["load_average"] = os.getloadavg()
-        info["cpu_count"] = os.cpu_count()
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        info["cpu"] = fields.get("model name", info["cpu"])
+        info["cpu_mhz"] = fields.get("cpu MHz")
+        info["cpu_flags"] = fields.get("flags", "").split()
     except OSError:
         pass
     if device.type == "cuda":
@@ -194,15 +233,20 @@ def bench_training(device: torch.device, *, name: str = "fc1024", output_size: i
                 optimizer.step()
 
             _peak_reset(device)
-            ms = time_interleaved({"supsup": step, "dense": dense_fwd_bwd, "dense_step": dense_step}, device, reps,
-                                  budget_s=budget_s)
+            times = time_interleaved({"supsup": step, "dense": dense_fwd_bwd, "dense_step": dense_step}, device,
+                                     reps, budget_s=budget_s)
+            ms = {name: times.median(name) for name in times.wall}
             per_task = ms["supsup"] / count
             rows.append({
                 "figure": "train", "model": name, "output_size": output_size, "batch": batch, "tasks_at_once": count,
                 "precision": precision, "ms_per_task_batch": per_task, "dense_fwd_bwd_ms": ms["dense"],
                 "dense_step_ms": ms["dense_step"], "ratio_vs_dense": per_task / ms["dense"],
                 "ratio_vs_dense_step": per_task / ms["dense_step"], "peak_bytes": _peak_bytes(device),
+                "spread": spread(times.wall["supsup"]), "dense_spread": spread(times.wall["dense"]),
+                "reps": len(times.wall["dense"]),
             })
+            if device.type == "cpu":
+                rows[-1]["cpu_ratio_vs_dense"] = times.median("supsup", "cpu") / count / times.median("dense", "cpu")
             del model, optimizer, xs, ys
             gc.collect()
             if device.type == "cuda":
@@ -247,46 +291,90 @@ class GraphedOneShot:
         return self.out
 
 
+def oneshot_images(device: torch.device, count: int = 64) -> tuple[torch.Tensor, str]:
+    """``[count, 784]`` MNIST test images as PermutedMNIST task 0 feeds them (normalised, permuted: about 82%
+    of the pixels are the background value) and where they came from; random normal images, said so, when
+    MNIST cannot be loaded (no data root and no network)."""
+    from supsup.data.idx import load_mnist
+    from supsup.data.streams import PermutedMNIST
+
+    try:
+        stream = PermutedMNIST(load_mnist(), 1, seed=1)
+        images = stream.batch(0, "test", torch.arange(count))[0]
+        what = f"MNIST test images 0..{count - 1}, PermutedMNIST task 0 ({stream.data.source})"
+    except Exception as exc:  # the figures are still measured, on images without MNIST's background
+        images = torch.randn(count, 784, generator=torch.Generator().manual_seed(0))
+        what = f"random normal images (MNIST unavailable: {type(exc).__name__}: {exc})"[:300]
+    return images.to(device), what
+
+
+class Memcpy:
+    """One ``memcpy`` of ``nbytes`` between two buffers touched beforehand (CPU), or a device-to-device copy."""
+
+    def __init__(self, nbytes: int, device: torch.device):
+        self.src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+        self.dst = torch.zeros_like(self.src)
+
+    def __call__(self) -> None:
+        if self.src.is_cuda:
+            self.dst.copy_(self.src)
+        else:
+            ctypes.memmove(self.dst.data_ptr(), self.src.data_ptr(), self.src.numel())
+
+
 def bench_oneshot(device: torch.device, name: str, ks: list[int], *, output_size: int = 500, reps: int = 10,
-                  budget_s: float = 10.0, graphs: bool = False) -> list[dict]:
-    """One-Shot latency on one image against k, with the dense forward+backward of one image as reference."""
+                  budget_s: float = 10.0, graphs: bool = False, images: torch.Tensor | None = None) -> list[dict]:
+    """One-Shot latency on one image against k, with the dense forward+backward of the same image and one
+    memcpy of the masks' bytes as references, interleaved repetition by repetition."""
     rows = []
-    x = torch.randn(1, 784, device=device)
+    if images is None:
+        images = oneshot_images(device)[0]
     dense = _dense_net(name, output_size, device)
+    turn = {"dense": 0, "oneshot": 0}
+
+    def image(side: str) -> torch.Tensor:  # the two sides see the same sequence of images
+        turn[side] += 1
+        return images[turn[side] % images.shape[0]][None]
 
     def dense_fwd_bwd():
-        out = dense(x)
+        out = dense(image("dense"))
         torch.special.entr(torch.softmax(out, -1)).sum().backward()
         dense.zero_grad(set_to_none=True)
 
     for k in ks:
         try:
             model = random_bank_model(name, k, device, output_size)
+            mask_bytes = sum(layer.bank.row_bytes for layer in model.mask_layers()) * k
+            copy = Memcpy(mask_bytes, device)
         except (torch.OutOfMemoryError, RuntimeError) as exc:  # too many masks for this machine
             rows.append({"figure": "oneshot", "model": name, "k": k, "error": f"{type(exc).__name__}: {exc}"[:200]})
             break
-        mask_bytes = sum(layer.bank.packed.numel() for layer in model.mask_layers())
         _peak_reset(device)
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        ms = time_interleaved({"oneshot": lambda: infer_tasks(model, x), "dense": dense_fwd_bwd}, device, reps,
-                              budget_s=budget_s)
-        dense_ms, ms = ms["dense"], ms["oneshot"]
+        times = time_interleaved({"oneshot": lambda: infer_tasks(model, image("oneshot")), "dense": dense_fwd_bwd,
+                                  "memcpy": copy}, device, reps, budget_s=budget_s)
+        ms = {side: times.median(side) for side in times.wall}
         row = {
-            "figure": "oneshot", "model": name, "output_size": output_size, "k": k, "ms": ms,
-            "dense_fwd_bwd_ms": dense_ms, "ratio_vs_dense": ms / dense_ms, "bytes_per_task": model.bytes_per_task(),
-            "float32_bytes_per_task": 4 * model.num_weights(), "mask_bytes": mask_bytes,
-            "peak_bytes": _peak_bytes(device), "peak_extra_bytes": (_peak_bytes(device) - base) if base else None,
-            "backend": kernels.backend_for(device),
+            "figure": "oneshot", "model": name, "output_size": output_size, "k": k, "ms": ms["oneshot"],
+            "dense_fwd_bwd_ms": ms["dense"], "ratio_vs_dense": ms["oneshot"] / ms["dense"],
+            "memcpy_ms": ms["memcpy"], "ratio_vs_memcpy": ms["oneshot"] / ms["memcpy"],
+            "spread": spread(times.wall["oneshot"]), "memcpy_spread": spread(times.wall["memcpy"]),
+            "reps": len(times.wall["memcpy"]),
+            "bytes_per_task": model.bytes_per_task(), "float32_bytes_per_task": 4 * model.num_weights(),
+            "mask_bytes": mask_bytes, "peak_bytes": _peak_bytes(device),
+            "peak_extra_bytes": (_peak_bytes(device) - base) if base else None, "backend": kernels.backend_for(device),
         }
+        if device.type == "cpu":
+            row["cpu_ratio_vs_memcpy"] = times.median("oneshot", "cpu") / times.median("memcpy", "cpu")
         if graphs and device.type == "cuda":
             try:
-                graphed = GraphedOneShot(model, x)
-                row["graphed_ms"] = time_ms(lambda: graphed(x), device, reps * 5, budget_s=budget_s)
+                graphed = GraphedOneShot(model, images[:1])
+                row["graphed_ms"] = time_ms(lambda: graphed(image("oneshot")), device, reps * 5, budget_s=budget_s)
                 del graphed
             except Exception as exc:  # capture is an optimisation: record why it failed and go on
                 row["graphed_error"] = f"{type(exc).__name__}: {exc}"[:200]
         rows.append(row)
-        del model
+        del model, copy
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -296,10 +384,11 @@ def bench_oneshot(device: torch.device, name: str, ks: list[int], *, output_size
 # ------------------------------------------------------------------------------------------ kernels
 def bench_kernels(device: torch.device, *, num_bits: int = 315_200, k: int = 2500, reps: int = 10,
                   backends: tuple[str, ...] | None = None, budget_s: float = 10.0) -> list[dict]:
-    """``contract`` and ``superpose`` over ``k`` random packed rows of ``num_bits`` bits, per backend."""
+    """``contract`` and ``superpose`` over ``k`` random masks of ``num_bits`` bits, per backend, each given its
+    layout (the native kernels tiles, the others rows); g is dense, so no column is skipped."""
     if backends is None:
         backends = ("torch", "triton") if device.type == "cuda" else ("torch", "native")
-    packed = torch.randint(0, 256, (k, (num_bits + 7) // 8), dtype=torch.uint8, device=device)
+    rows_packed = torch.randint(0, 256, (k, (num_bits + 7) // 8), dtype=torch.uint8, device=device)
     g = torch.randn(num_bits, device=device)
     alpha = torch.rand(k, device=device)
     rows = []
@@ -308,12 +397,17 @@ def bench_kernels(device: torch.device, *, num_bits: int = 315_200, k: int = 250
             continue
         if name == "triton" and not kernels.triton_available():
             continue
+        packed = rows_packed
+        if name == "native":
+            packed = kernels.new_store(k, rows_packed.shape[1], device)
+            kernels.write_rows(packed, 0, rows_packed)
+            packed = kernels.tasks(packed, slice(0, k))
         with kernels.use_backend(name):
             for op, fn in (("contract", lambda: kernels.contract(packed, g)),
                            ("superpose", lambda: kernels.superpose(packed, alpha, num_bits))):
                 ms = time_ms(fn, device, reps, budget_s=budget_s)
                 rows.append({"figure": "kernel", "op": op, "backend": name, "k": k, "num_bits": num_bits, "ms": ms,
-                             "packed_gb_per_s": packed.numel() / ms / 1e6})
+                             "packed_gb_per_s": rows_packed.numel() / ms / 1e6})
     return rows
 
 
@@ -353,15 +447,15 @@ def run_benchmarks(device: str | torch.device = "cpu", quick: bool = False, json
     started = time.perf_counter()
     reps = settings["reps"]
     graphs = device.type == "cuda"
+    images, results["meta"]["oneshot_images"] = oneshot_images(device)
     precisions = list(settings["precisions"])
     parts: list[tuple[str, Callable[[], list[dict]]]] = []
     if precisions:
         parts.append((f"train {precisions[0]}", lambda: bench_training(
             device, counts=tuple(settings["train_counts"]), reps=reps, precision=precisions[0])))
-    parts += [(f"oneshot lenet k={k}", lambda k=k: bench_oneshot(device, "lenet", [k], reps=reps, graphs=graphs))
-              for k in settings["lenet_ks"]]
-    parts += [(f"oneshot fc1024 k={k}", lambda k=k: bench_oneshot(device, "fc1024", [k], reps=reps, graphs=graphs))
-              for k in settings["fc_ks"]]
+    parts += [(f"oneshot {name} k={k}", lambda name=name, k=k: bench_oneshot(device, name, [k], reps=reps,
+                                                                            graphs=graphs, images=images))
+              for name, key in (("lenet", "lenet_ks"), ("fc1024", "fc_ks")) for k in settings[key]]
     parts += [(f"train {p}", lambda p=p: bench_training(device, counts=tuple(settings["train_counts"]), reps=reps,
                                                          precision=p))
               for p in precisions[1:]]
@@ -393,7 +487,8 @@ def run_benchmarks(device: str | torch.device = "cpu", quick: bool = False, json
 
 def _goal(row: dict, device_type: str) -> str:
     if row["figure"] == "train":
-        key = ("train", device_type, 1 if row["tasks_at_once"] == 1 else "batched")
+        key = ("train", device_type, row["tasks_at_once"] if device_type == "cpu" else
+               1 if row["tasks_at_once"] == 1 else "batched")
     elif row["figure"] == "oneshot":
         key = ("oneshot", device_type, row["model"], row["k"])
     else:
@@ -405,6 +500,54 @@ def _mb(n: int | None) -> str:
     return "" if n is None else f"{n / 1e6:,.1f} MB"
 
 
+def _spread(row: dict, key: str = "spread") -> str:
+    return f" ±{100 * row[key]:.0f}%" if row.get(key) is not None else ""
+
+
+def _load(meta: dict) -> str:
+    start, end = meta.get("load_average"), meta.get("load_average_end")
+    fmt = lambda load: "?" if not load else f"{load[0]:.1f}"  # noqa: E731
+    return f"load average {fmt(start)} -> {fmt(end)} on {meta.get('cpu_count')} cores"
+
+
+def machine_line(meta: dict) -> str:
+    """One line saying where and when: CPU model and key flags (or the GPU), threads, load, date."""
+    flags = [f for f in KEY_FLAGS if f in meta.get("cpu_flags", [])]
+    where = meta.get("gpu") or f"{meta['cpu']}" + (f" ({', '.join(flags)})" if flags else "")
+    return (f"{where}, {meta['device']}, {meta['threads']} threads, torch {meta['torch']}, kernels "
+            f"{meta['kernel_backend']}, {_load(meta)}, {meta['date']}")
+
+
+def _cells(row: dict, device_type: str) -> list[str]:
+    """figure, setting, measured, dense, ratio, memcpy of the masks, memory, goal."""
+    if "error" in row:
+        return [row["figure"], row.get("part") or f"{row.get('model')} k={row.get('k', 0):,}",
+                f"error: {row['error'][:80]}", "", "", "", "", ""]
+    if row["figure"] == "train":
+        return ["train, per task per batch", f"{row['model']} K={row['tasks_at_once']} {row['precision']}",
+                f"{row['ms_per_task_batch']:.3f} ms{_spread(row)}",
+                f"{row['dense_fwd_bwd_ms']:.3f} ms{_spread(row, 'dense_spread')} (with optimiser step: "
+                f"{row['dense_step_ms']:.3f})", f"{row['ratio_vs_dense']:.2f}x ({row['ratio_vs_dense_step']:.2f}x)"
+                + (f"; CPU time {row['cpu_ratio_vs_dense']:.2f}x" if "cpu_ratio_vs_dense" in row else ""),
+                "", f"peak {_mb(row['peak_bytes'])}", _goal(row, device_type)]
+    if row["figure"] == "oneshot":
+        graphed = f" (CUDA graph: {row['graphed_ms']:.3f} ms)" if "graphed_ms" in row else ""
+        memcpy = f"{row['memcpy_ms']:.3f} ms{_spread(row, 'memcpy_spread')}: **{row['ratio_vs_memcpy']:.2f}x**" \
+            if "memcpy_ms" in row else ""
+        if "cpu_ratio_vs_memcpy" in row:
+            memcpy += f" (CPU time {row['cpu_ratio_vs_memcpy']:.2f}x)"
+        return ["One-Shot, one image", f"{row['model']} k={row['k']:,}", f"{row['ms']:.3f} ms{_spread(row)}{graphed}",
+                f"{row['dense_fwd_bwd_ms']:.3f} ms", f"{row['ratio_vs_dense']:.1f}x", memcpy,
+                f"masks {_mb(row['mask_bytes'])} ({row['bytes_per_task']:,} B/task; float32: "
+                f"{row['float32_bytes_per_task']:,})", _goal(row, device_type)]
+    return [f"kernel {row['op']}", f"{row['backend']}, k={row['k']:,}, P={row['num_bits']:,}", f"{row['ms']:.3f} ms",
+            "", "", "", f"{row['packed_gb_per_s']:.1f} GB/s of packed bits", ""]
+
+
+COLUMNS = ("figure", "setting", "measured (± spread)", "dense, same run", "ratio", "memcpy of the masks, same run",
+           "memory", "goal")
+
+
 def print_table(results: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -412,61 +555,26 @@ def print_table(results: dict, console=None) -> None:
     console = console or Console()
     meta = results["meta"]
     device_type = meta["device"].split(":")[0]
-    title = (f"supsup bench on {meta.get('gpu') or meta['cpu']} ({meta['device']}, {meta['threads']} threads, "
-             f"kernels: {meta['kernel_backend']}, {meta['date']})")
-    table = Table(title=title)
-    for col in ("figure", "setting", "measured", "dense", "ratio", "memory", "goal"):
+    table = Table(title=f"supsup bench: {machine_line(meta)}")
+    for col in COLUMNS:
         table.add_column(col)
     for row in results["rows"]:
-        if "error" in row:
-            setting = row.get("part") or f"{row.get('model')} k={row.get('k', 0):,}"
-            table.add_row(row["figure"], setting, "[red]" + row["error"][:60], "", "", "", "")
-            continue
-        if row["figure"] == "train":
-            table.add_row("train / task / batch", f"{row['model']} K={row['tasks_at_once']} {row['precision']}",
-                          f"{row['ms_per_task_batch']:.3f} ms", f"{row['dense_fwd_bwd_ms']:.3f} ms",
-                          f"{row['ratio_vs_dense']:.2f}x", _mb(row["peak_bytes"]) + " peak", _goal(row, device_type))
-        elif row["figure"] == "oneshot":
-            measured = f"{row['ms']:.3f} ms"
-            if "graphed_ms" in row:
-                measured += f" (graph {row['graphed_ms']:.3f})"
-            table.add_row("one-shot, 1 image", f"{row['model']} k={row['k']:,}", measured,
-                          f"{row['dense_fwd_bwd_ms']:.3f} ms", f"{row['ratio_vs_dense']:.1f}x",
-                          f"masks {_mb(row['mask_bytes'])}, {row['bytes_per_task']:,} B/task", _goal(row, device_type))
-        else:
-            table.add_row(f"kernel {row['op']}", f"{row['backend']} k={row['k']:,} P={row['num_bits']:,}",
-                          f"{row['ms']:.3f} ms", "", "", f"{row['packed_gb_per_s']:.1f} GB/s of bits", "")
+        cells = [c.replace("**", "") for c in _cells(row, device_type)]
+        table.add_row(*(("[red]" + c) if "error" in row and i == 2 else c for i, c in enumerate(cells)))
     console.print(table)
-    console.print(f"{meta.get('seconds', 0)} s; load average {meta.get('load_average')} -> {meta.get('load_average_end')}")
+    console.print(f"{meta.get('seconds', 0)} s; {_load(meta)}; One-Shot on {meta.get('oneshot_images', '?')}")
     load, cores = (meta.get("load_average") or [0])[0], meta.get("cpu_count") or 1
-    if device_type == "cpu" and meta["threads"] > 1 and load > cores - 0.5:
-        console.print(f"[yellow]the machine is busy (load {load:.1f} on {cores} cores): torch ops with more than one "
-                      "thread can stall a whole time slice waiting for their second thread, so these figures are "
-                      "not reliable; --threads 1 measures the code, not the contention.")
+    if device_type == "cpu" and load > cores - 0.5:
+        console.print(f"[yellow]the machine is busy (load {load:.1f} on {cores} cores): times are inflated and noisy "
+                      "(see each row's spread); with more than one thread, torch ops can stall a whole time slice "
+                      "waiting for their second thread. Ratios measured in the same run are the robust figures.")
 
 
 def markdown_table(results: dict) -> str:
-    """The rows of a results dict (or of a saved JSON) as a Markdown table, for BENCHMARKS.md."""
+    """The machine line and the rows of a results dict (or of a saved JSON) as a Markdown table."""
     device_type = results["meta"]["device"].split(":")[0]
-    lines = ["| figure | setting | measured | dense, same run | ratio | memory | goal |", "|---|---|---|---|---|---|---|"]
-    for row in results["rows"]:
-        if "error" in row:
-            lines.append(f"| {row['figure']} | {row.get('part') or row.get('model')} {row.get('k', '')} | "
-                         f"error: {row['error'][:80]} | | | | |")
-        elif row["figure"] == "train":
-            lines.append(f"| train, per task per batch | {row['model']} K={row['tasks_at_once']} {row['precision']} | "
-                         f"{row['ms_per_task_batch']:.3f} ms | {row['dense_fwd_bwd_ms']:.3f} ms (with optimiser step: "
-                         f"{row['dense_step_ms']:.3f}) | {row['ratio_vs_dense']:.2f}x ({row['ratio_vs_dense_step']:.2f}x)"
-                         f" | peak {_mb(row['peak_bytes'])} | {_goal(row, device_type)} |")
-        elif row["figure"] == "oneshot":
-            graphed = f" (CUDA graph: {row['graphed_ms']:.3f} ms)" if "graphed_ms" in row else ""
-            lines.append(f"| One-Shot, one image | {row['model']} k={row['k']:,} | {row['ms']:.3f} ms{graphed} | "
-                         f"{row['dense_fwd_bwd_ms']:.3f} ms | {row['ratio_vs_dense']:.1f}x | masks {_mb(row['mask_bytes'])}"
-                         f" ({row['bytes_per_task']:,} B/task; float32: {row['float32_bytes_per_task']:,}) | "
-                         f"{_goal(row, device_type)} |")
-        else:
-            lines.append(f"| kernel {row['op']} | {row['backend']}, k={row['k']:,}, P={row['num_bits']:,} | "
-                         f"{row['ms']:.3f} ms | | | {row['packed_gb_per_s']:.1f} GB/s of packed bits | |")
+    lines = [machine_line(results["meta"]), "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_cells(row, device_type)) + " |" for row in results["rows"]]
     return "\n".join(lines)
 
 

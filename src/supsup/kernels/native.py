@@ -61,12 +61,18 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
             os.replace(built, target)  # atomic: concurrent builders all end with a complete file
     lib = ctypes.CDLL(str(target))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for name, args in (("ss_contract", [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
-                       ("ss_superpose", [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
-                       ("ss_unpack", [ptr, i64, i64, i64, ptr, ptr, ctypes.c_int])):
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    for name, args, result in (("ss_contract", [ptr, i64, i64, i64, ptr, i64, ptr, i32], i32),
+                               ("ss_contract_factored", [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64, ptr, i32],
+                                i32),
+                               ("ss_superpose", [ptr, i64, i64, i64, ptr, i64, ptr, i32], i32),
+                               ("ss_unpack", [ptr, i64, i64, i64, i64, ptr, ptr, i32], i32),
+                               ("ss_to_tiles", [ptr, i64, i64, ptr, i64, i64], None),
+                               ("ss_to_rows", [ptr, i64, i64, i64, ptr], None),
+                               ("ss_select", [ptr, i64, i64, ptr, ptr], None),
+                               ("ss_threshold_select", [ptr, i64, i64, ptr, ptr], None)):
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, ctypes.c_int
+        fn.argtypes, fn.restype = args, result
     return lib
 
 
@@ -112,10 +118,15 @@ def _padded(vec: torch.Tensor, length: int) -> torch.Tensor:
     return vec.contiguous()
 
 
-def _check(packed: torch.Tensor) -> None:
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.device.type != "cpu":
-        raise ValueError(f"expected packed masks [k, R] uint8 on the CPU, got {tuple(packed.shape)} "
-                         f"{packed.dtype} on {packed.device}")
+def _tiles(tiles: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(pointer, k, cap, C)`` of a tile view ``[C, k, 4] uint8`` (tasks at a stride of ``cap`` dwords)."""
+    if tiles.dtype != torch.uint8 or tiles.dim() != 3 or tiles.shape[2] != 4 or tiles.device.type != "cpu" \
+            or tiles.stride(2) != 1 or (tiles.shape[1] > 1 and tiles.stride(1) != 4) or tiles.stride(0) % 4 \
+            or tiles.data_ptr() % 4:
+        raise ValueError(f"expected mask tiles [C, k, 4] uint8 on the CPU with whole dwords, got {tuple(tiles.shape)} "
+                         f"{tiles.dtype} strides {tiles.stride()} on {tiles.device}")
+    C, k, _ = tiles.shape
+    return tiles.data_ptr(), k, max(tiles.stride(0) // 4, k), C
 
 
 #: Work (packed bytes × right-hand sides) below which one thread does it all: starting and joining
@@ -123,40 +134,87 @@ def _check(packed: torch.Tensor) -> None:
 THREADS_FROM_BYTES = 1 << 21
 
 
-def contract(packed: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``[n, k] = g [n, P] · bits(packed [k, R])ᵀ``, P <= 8R."""
-    _check(packed)
-    packed = packed.contiguous()
-    k, R = packed.shape
-    gp = _padded(g, 8 * R)
+def contract(tiles: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[n, k] = g [n, P] · bits(tiles [C, k, 4])ᵀ``, P <= 32C."""
+    ptr, k, cap, C = _tiles(tiles)
+    gp = _padded(g, 32 * C)
     out = torch.empty(g.shape[0], k, dtype=torch.float32)
-    if k and library().ss_contract(packed.data_ptr(), k, R, gp.data_ptr(), g.shape[0], out.data_ptr(),
-                                   _threads(k * R * g.shape[0])):
+    if k and library().ss_contract(ptr, k, cap, C, gp.data_ptr(), g.shape[0], out.data_ptr(),
+                                   _threads(4 * k * C * g.shape[0])):
         raise MemoryError("ss_contract could not allocate its partial sums")
     return out
 
 
-def superpose(packed: torch.Tensor, alpha: torch.Tensor, num_bits: int) -> torch.Tensor:
-    """``[n, P] = alpha [n, k] @ bits(packed [k, R])``."""
-    _check(packed)
-    packed = packed.contiguous()
-    k, R = packed.shape
+def contract_factored(tiles: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``[n, k]``: row r is ``delta_r [out]ᵀ (W ⊙ M_t) x_r [in]`` for ``weight [out, in]``, i.e. ``contract`` of
+    ``g_r = (delta_r x_rᵀ) ⊙ W`` (the same float products) without forming g."""
+    ptr, k, cap, C = _tiles(tiles)
+    delta, x = delta.to(torch.float32).contiguous(), x.to(torch.float32).contiguous()
+    w = _padded(weight.reshape(-1), 32 * C)
+    out = torch.empty(delta.shape[0], k, dtype=torch.float32)
+    if k and library().ss_contract_factored(ptr, k, cap, C, delta.data_ptr(), x.data_ptr(), weight.shape[1],
+                                            weight.numel(), w.data_ptr(), delta.shape[0], out.data_ptr(),
+                                            _threads(4 * k * C * delta.shape[0])):
+        raise MemoryError("ss_contract_factored could not allocate its partial sums")
+    return out
+
+
+def superpose(tiles: torch.Tensor, alpha: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """``[n, P] = alpha [n, k] @ bits(tiles [C, k, 4])``."""
+    ptr, k, cap, C = _tiles(tiles)
     alpha = alpha.to(torch.float32).contiguous()
-    out = torch.zeros(alpha.shape[0], 8 * R, dtype=torch.float32)
+    out = torch.empty(alpha.shape[0], 32 * C, dtype=torch.float32)
     if k:
-        library().ss_superpose(packed.data_ptr(), k, R, alpha.data_ptr(), alpha.shape[0], out.data_ptr(),
-                               _threads(k * R * alpha.shape[0]))
+        library().ss_superpose(ptr, k, cap, C, alpha.data_ptr(), alpha.shape[0], out.data_ptr(),
+                               _threads(4 * k * C * alpha.shape[0]))
+    else:
+        out.zero_()
     return out[:, :num_bits]
 
 
-def unpack(packed: torch.Tensor, num_bits: int, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``[k, P]`` float32: the bits of ``packed [k, R]``, times ``weight [P]`` when given."""
-    _check(packed)
-    packed = packed.contiguous()
-    k, R = packed.shape
-    w = None if weight is None else weight.reshape(-1).to(torch.float32).contiguous()
+def unpack(tiles: torch.Tensor, num_bits: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``[k, P]`` float32: the bits of ``tiles [C, k, 4]``, times ``weight [P]`` when given."""
+    ptr, k, cap, C = _tiles(tiles)
+    w = None if weight is None else _padded(weight.reshape(-1), 32 * C)
     out = torch.empty(k, num_bits, dtype=torch.float32)
     if k:
-        library().ss_unpack(packed.data_ptr(), k, R, num_bits, None if w is None else w.data_ptr(), out.data_ptr(),
+        library().ss_unpack(ptr, k, cap, C, num_bits, None if w is None else w.data_ptr(), out.data_ptr(),
                             _threads(4 * k * num_bits))
+    return out
+
+
+def write_tiles(store: torch.Tensor, first: int, rows: torch.Tensor) -> None:
+    """Write ``rows [n, R] uint8`` as tasks ``first ..`` of the tile buffer ``store [C, cap, 4]``."""
+    ptr, _, cap, C = _tiles(store)
+    rows = rows.to(device="cpu", dtype=torch.uint8).contiguous()
+    if rows.dim() != 2 or (rows.shape[1] + 3) // 4 != C or first + rows.shape[0] > cap:
+        raise ValueError(f"rows {tuple(rows.shape)} do not fit tasks {first}.. of tiles {tuple(store.shape)}")
+    library().ss_to_tiles(rows.data_ptr(), rows.shape[0], rows.shape[1], ptr, cap, first)
+
+
+def read_rows(tiles: torch.Tensor, row_bytes: int) -> torch.Tensor:
+    """The canonical rows ``[k, R] uint8`` of ``tiles [C, k, 4]``."""
+    ptr, k, cap, C = _tiles(tiles)
+    if (row_bytes + 3) // 4 != C:
+        raise ValueError(f"{row_bytes} bytes per row do not match {C} tile columns")
+    rows = torch.empty(k, row_bytes, dtype=torch.uint8)
+    library().ss_to_rows(ptr, k, cap, row_bytes, rows.data_ptr())
+    return rows
+
+
+def threshold_select(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``torch.where(scores >= 0, weight, 0.0)`` for float32 ``scores [K, *shape]``, ``weight [*shape]``, one pass."""
+    scores, weight = scores.contiguous(), weight.contiguous()
+    out = torch.empty(scores.shape, dtype=torch.float32)
+    library().ss_threshold_select(scores.data_ptr(), scores.numel() // max(weight.numel(), 1), weight.numel(),
+                                  weight.data_ptr(), out.data_ptr())
+    return out
+
+
+def select(keep: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``torch.where(keep, weight, 0.0)`` for bool ``keep [K, *shape]`` and float32 ``weight [*shape]``, one pass."""
+    keep, weight = keep.contiguous(), weight.contiguous()
+    out = torch.empty(keep.shape, dtype=torch.float32)
+    library().ss_select(keep.data_ptr(), keep.numel() // max(weight.numel(), 1), weight.numel(), weight.data_ptr(),
+                        out.data_ptr())
     return out

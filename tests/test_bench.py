@@ -1,0 +1,32 @@
+"""The bench records what its figures need to be read: the machine, its load, each row's spread, One-Shot on
+real MNIST images, and One-Shot as a ratio to a memcpy of the masks' bytes measured in the same run."""
+
+import json
+from pathlib import Path
+
+from supsup import bench
+
+TINY = {"train_counts": (1,), "fc_ks": [], "lenet_ks": [10], "kernel_k": 20, "reps": 3, "precisions": ("fp32",)}
+
+
+def test_a_tiny_run_records_machine_spread_images_and_the_memcpy_ratio(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("SUPSUP_DATA", str(data_root))
+    results = bench.run_benchmarks("cpu", plan=TINY, json_path=tmp_path / "bench.json", retain_memory=False)
+    meta = results["meta"]
+    assert meta["cpu"] and meta["cpu_count"] >= 1 and len(meta["load_average"]) == 3 and meta["load_average_end"]
+    assert isinstance(meta["cpu_flags"], list)
+    assert meta["oneshot_images"].startswith("MNIST test images")
+    (train,) = [r for r in results["rows"] if r["figure"] == "train"]
+    (oneshot,) = [r for r in results["rows"] if r["figure"] == "oneshot"]
+    assert train["spread"] >= 0 and train["reps"] == 3
+    assert oneshot["mask_bytes"] == 10 * 39_400
+    assert abs(oneshot["ratio_vs_memcpy"] - oneshot["ms"] / oneshot["memcpy_ms"]) < 1e-9
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == results["rows"]
+    table = bench.markdown_table(results)
+    assert meta["cpu"] in table.splitlines()[0] and "memcpy of the masks" in table
+
+
+def test_results_saved_before_these_fields_still_render():
+    old = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-full-1thread.json"
+    table = bench.markdown_table(json.loads(old.read_text()))
+    assert "One-Shot, one image | lenet k=2,500 | 29.398 ms |" in table
