@@ -407,16 +407,15 @@ def _mb(n: int | None) -> str:
 
 def print_table(results: dict, console=None) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from supsup.tables import make_table
 
     console = console or Console()
     meta = results["meta"]
     device_type = meta["device"].split(":")[0]
     title = (f"supsup bench on {meta.get('gpu') or meta['cpu']} ({meta['device']}, {meta['threads']} threads, "
              f"kernels: {meta['kernel_backend']}, {meta['date']})")
-    table = Table(title=title)
-    for col in ("figure", "setting", "measured", "dense", "ratio", "memory", "goal"):
-        table.add_column(col)
+    table = make_table(["figure", "setting", "measured", "dense", "ratio", "memory", "goal"], title=title)
     for row in results["rows"]:
         if "error" in row:
             setting = row.get("part") or f"{row.get('model')} k={row.get('k', 0):,}"
@@ -447,27 +446,31 @@ def print_table(results: dict, console=None) -> None:
 
 def markdown_table(results: dict) -> str:
     """The rows of a results dict (or of a saved JSON) as a Markdown table, for BENCHMARKS.md."""
+    from supsup.tables import make_table, markdown
+
     device_type = results["meta"]["device"].split(":")[0]
-    lines = ["| figure | setting | measured | dense, same run | ratio | memory | goal |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for row in results["rows"]:
         if "error" in row:
-            lines.append(f"| {row['figure']} | {row.get('part') or row.get('model')} {row.get('k', '')} | "
-                         f"error: {row['error'][:80]} | | | | |")
+            rows.append((row["figure"], f"{row.get('part') or row.get('model')} {row.get('k', '')}",
+                         f"error: {row['error'][:80]}", "", "", "", ""))
         elif row["figure"] == "train":
-            lines.append(f"| train, per task per batch | {row['model']} K={row['tasks_at_once']} {row['precision']} | "
-                         f"{row['ms_per_task_batch']:.3f} ms | {row['dense_fwd_bwd_ms']:.3f} ms (with optimiser step: "
-                         f"{row['dense_step_ms']:.3f}) | {row['ratio_vs_dense']:.2f}x ({row['ratio_vs_dense_step']:.2f}x)"
-                         f" | peak {_mb(row['peak_bytes'])} | {_goal(row, device_type)} |")
+            rows.append(("train, per task per batch", f"{row['model']} K={row['tasks_at_once']} {row['precision']}",
+                         f"{row['ms_per_task_batch']:.3f} ms", f"{row['dense_fwd_bwd_ms']:.3f} ms (with optimiser "
+                         f"step: {row['dense_step_ms']:.3f})", f"{row['ratio_vs_dense']:.2f}x "
+                         f"({row['ratio_vs_dense_step']:.2f}x)", f"peak {_mb(row['peak_bytes'])}",
+                         _goal(row, device_type)))
         elif row["figure"] == "oneshot":
             graphed = f" (CUDA graph: {row['graphed_ms']:.3f} ms)" if "graphed_ms" in row else ""
-            lines.append(f"| One-Shot, one image | {row['model']} k={row['k']:,} | {row['ms']:.3f} ms{graphed} | "
-                         f"{row['dense_fwd_bwd_ms']:.3f} ms | {row['ratio_vs_dense']:.1f}x | masks {_mb(row['mask_bytes'])}"
-                         f" ({row['bytes_per_task']:,} B/task; float32: {row['float32_bytes_per_task']:,}) | "
-                         f"{_goal(row, device_type)} |")
+            rows.append(("One-Shot, one image", f"{row['model']} k={row['k']:,}", f"{row['ms']:.3f} ms{graphed}",
+                         f"{row['dense_fwd_bwd_ms']:.3f} ms", f"{row['ratio_vs_dense']:.1f}x",
+                         f"masks {_mb(row['mask_bytes'])} ({row['bytes_per_task']:,} B/task; float32: "
+                         f"{row['float32_bytes_per_task']:,})", _goal(row, device_type)))
         else:
-            lines.append(f"| kernel {row['op']} | {row['backend']}, k={row['k']:,}, P={row['num_bits']:,} | "
-                         f"{row['ms']:.3f} ms | | | {row['packed_gb_per_s']:.1f} GB/s of packed bits | |")
-    return "\n".join(lines)
+            rows.append((f"kernel {row['op']}", f"{row['backend']}, k={row['k']:,}, P={row['num_bits']:,}",
+                         f"{row['ms']:.3f} ms", "", "", f"{row['packed_gb_per_s']:.1f} GB/s of packed bits", ""))
+    return markdown(make_table(["figure", "setting", "measured", "dense, same run", "ratio", "memory", "goal"],
+                               rows))
 
 
 if __name__ == "__main__":  # python -m supsup.bench RESULTS.json  ->  Markdown rows

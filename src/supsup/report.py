@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from supsup.config import RunConfig
 from supsup.files import write_atomic
@@ -87,13 +88,23 @@ def group(runs: list[Run]) -> dict[str, list[Run]]:
     return labels
 
 
-def _axes(title: str, xlabel: str, ylabel: str, size=(6.4, 4.0)):
+def _axes(title: str, xlabel: str, ylabel: str, integer: str = "x", size=(6.4, 4.0)):
+    """A figure with one axes; the axes named in ``integer`` (task counts, task ids) get integer ticks."""
     fig = Figure(figsize=size, layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    for name in integer:
+        getattr(ax, f"{name}axis").set_major_locator(MaxNLocator(integer=True))
     return fig, ax
+
+
+def _byte_unit(largest: float) -> tuple[float, str]:
+    for scale, unit in ((1e9, "GB = 10^9 bytes"), (1e6, "MB = 10^6 bytes"), (1e3, "kB = 10^3 bytes")):
+        if largest >= scale:
+            return scale, unit
+    return 1.0, "bytes"
 
 
 def accuracy_figure(groups: dict[str, list[Run]]) -> Figure:
@@ -110,13 +121,14 @@ def accuracy_figure(groups: dict[str, list[Run]]) -> Figure:
         line.set_gid(f"run:{label}")
         if len(members) > 1:
             ax.fill_between(x, mean - ys.std(0), mean + ys.std(0), alpha=0.25, color=line.get_color())
-    shown = set()
+    shown, reach = set(), max(r.config.tasks for members in groups.values() for r in members)
     for members in groups.values():
         for curve in CURVES.get(members[0].config.preset, ()):
-            if curve.label not in shown:
+            if curve.label not in shown:  # the paper's points up to the run's length (its first one at least)
                 shown.add(curve.label)
-                (line,) = ax.plot(curve.tasks, curve.accuracy, linestyle="--", marker="x", color="0.35",
-                                  alpha=0.5 + 0.5 * (len(shown) == 1), label=curve.label)
+                keep = [i for i, n in enumerate(curve.tasks) if n <= max(reach, curve.tasks[0])]
+                (line,) = ax.plot([curve.tasks[i] for i in keep], [curve.accuracy[i] for i in keep], linestyle="--",
+                                  marker="x", color="0.2" if len(shown) == 1 else "0.6", label=curve.label)
                 line.set_gid(f"paper:{curve.label}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -131,8 +143,8 @@ def per_task_figure(run: Run) -> Figure:
     for key, label, style in (("accuracy", "task given", "o"), ("accuracy_inferred", "task inferred", "x")):
         values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
-            (line,) = ax.plot(tasks, [np.nan if v is None else v for v in values], marker=style,
-                              linestyle="-" if len(tasks) < 60 else "none", markersize=4 if len(tasks) < 60 else 2,
+            (line,) = ax.plot(tasks, [np.nan if v is None else v for v in values], marker=style, linestyle="none",
+                              markersize=7 if len(tasks) < 60 else 2, fillstyle="none" if key == "accuracy" else "full",
                               label=label if run.config.method != "hopsupsup" else
                               {"accuracy": "true mask", "accuracy_inferred": "recovered mask"}[key])
             line.set_gid(key)
@@ -149,7 +161,7 @@ def matrix_figure(run: Run) -> Figure:
     values = np.full((len(rows), width), np.nan)
     for i, row in enumerate(rows):
         values[i, : len(row)] = [np.nan if v is None else v for v in row]
-    fig, ax = _axes("Accuracy on task j after learning i tasks", "task j", "tasks learned i")
+    fig, ax = _axes("Accuracy on task j after learning i tasks", "task j", "tasks learned i", integer="x")
     image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", origin="upper",
                       extent=(-0.5, width - 0.5, len(rows) - 0.5, -0.5))
     ax.set_yticks(range(len(rows)), [str(n) for n in learned])
@@ -167,7 +179,7 @@ def confusion_figure(run: Run) -> Figure:
             counts[int(t), int(i)] = n
     shares = counts / counts.sum(1, keepdims=True).clip(min=1)
     what = "mask" if run.config.scenario == "NNs" else "inferred task"
-    fig, ax = _axes(f"Task inference: where each task's test images go", what, "task of the images")
+    fig, ax = _axes("Task inference: where each task's test images go", what, "task of the images", integer="xy")
     image = ax.imshow(shares, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label="share of the task's test images")
     return fig
@@ -180,7 +192,7 @@ def allocation_figure(run: Run) -> Figure:
     batches = [d["batch"] for d in marks] + [run.decisions["batches"]]
     counts = list(range(1, len(marks) + 1)) + [len(marks)]
     fig, ax = _axes("Masks allocated along the stream (no task ids given)", "training batches seen",
-                    "masks allocated")
+                    "masks allocated", integer="xy")
     (line,) = ax.step(batches, counts, where="post", label="allocated")
     line.set_gid("allocated")
     hidden = np.arange(0, run.decisions["batches"] + 1)
@@ -192,12 +204,16 @@ def allocation_figure(run: Run) -> Figure:
 
 def bytes_figure(groups: dict[str, list[Run]]) -> Figure:
     """What each method stores, in MB, as tasks are learned."""
-    fig, ax = _axes("Bytes stored against tasks learned", "tasks learned", "stored (MB = 10^6 bytes)")
+    largest = max(max(m[0].results["progress"]["bytes_stored"], default=0) for m in groups.values())
+    scale, unit = _byte_unit(largest)
+    fig, ax = _axes("Bytes stored against tasks learned", "tasks learned", f"stored ({unit})")
     for label, members in groups.items():
         progress = members[0].results["progress"]
-        (line,) = ax.plot(progress["tasks_learned"], np.array(progress["bytes_stored"]) / 1e6, marker=".",
+        (line,) = ax.plot(progress["tasks_learned"], np.array(progress["bytes_stored"]) / scale, marker=".",
                           label=label)
         line.set_gid(f"run:{label}")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
