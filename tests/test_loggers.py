@@ -11,6 +11,8 @@ from rich.console import Console
 from supsup.cli import main
 from supsup.loggers import ProgressBar
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 contended threads are slower than 1
+
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory, data_root):

@@ -32,6 +32,14 @@ def test_a_sparse_schedule_uses_the_rows_it_has():
     assert metrics.backward_transfer(sparse) == pytest.approx(-0.05)  # only task 1 has a row right after it
 
 
+def test_partial_rows_of_task_groups_count_as_right_after_learning():
+    # tasks 2 and 3 learned together and measured right after them (a partial row), all five at the end
+    kept = AccuracyMatrix([2, 4, 5], [[0.9, 0.8], [None, None, 0.9, 0.95], [0.6, 0.7, 0.8, 0.9, 0.9]])
+    # right after: task 1 (0.8, last of a full row), tasks 2 and 3 (partial row); a full row's others are not
+    assert metrics.backward_transfer(kept) == pytest.approx(((0.7 - 0.8) + (0.8 - 0.9) + (0.9 - 0.95)) / 3)
+    assert metrics.forgetting(kept) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.7) + (0.9 - 0.8) + (0.95 - 0.9)) / 4)
+
+
 def test_one_row_has_no_forgetting_or_transfer_to_measure():
     once = AccuracyMatrix([2], [[0.8, 0.9]])
     assert metrics.summary(once) == {"average_accuracy": pytest.approx(0.85), "forgetting": None,

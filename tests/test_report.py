@@ -12,6 +12,8 @@ from supsup.report import figures, load_run
 
 SMALL = ["--tasks", "2", "--batches-per-task", "30", "--output-size", "30", "--set", "eval_at=[1, 2]"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 contended threads are slower than 1
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_root):

@@ -295,6 +295,17 @@ def _evaluate(session: _Run) -> dict:
     return figures
 
 
+def _right_after(session: _Run, tasks: list[int]) -> None:
+    """A partial row of the accuracy matrix: only the tasks just learned (cheap with the task given)."""
+    tick = time.perf_counter()
+    figures = session.method.evaluate(on_task=lambda steps: None, tasks=tasks)
+    session.eval_seconds += time.perf_counter() - tick
+    row: list[float | None] = [None] * session.method.num_tasks
+    for r in figures["tasks"]:
+        row[r["task"]] = r[headline(session.config)]
+    session.matrix.add(session.method.num_tasks, row)
+
+
 def _run_tasks(session: _Run) -> dict:
     """Train the task groups, evaluate at the schedule, checkpoint after each group, evaluate at the end."""
     config, method, log = session.config, session.method, session.log
@@ -316,7 +327,7 @@ def _run_tasks(session: _Run) -> dict:
             log.advance(steps, loss / steps)
 
         tick = time.perf_counter()
-        method.train_group(on_batch)
+        new = method.train_group(on_batch)
         seconds = time.perf_counter() - tick
         session.train_seconds += seconds
         n, loss = method.num_tasks, float(loss_sum) / max(batches, 1)
@@ -327,6 +338,8 @@ def _run_tasks(session: _Run) -> dict:
             schedule.pop(0)
             _evaluate(session)
             staged = False
+        elif config.scenario == "GG":  # the task given: each new task right after it, for forgetting and BWT
+            _right_after(session, new)
         session.save()
     figures = _evaluate(session)
     table = metrics.confusion(figures["tasks"])

@@ -1,6 +1,6 @@
 """The methods ``supsup run`` can run on a task stream with task boundaries (scenarios GG, GNs, GNu), behind one
-interface the run loop uses: ``train_group`` learns the next group of tasks, ``evaluate`` measures every learned
-task, ``bytes_stored`` is what the method keeps. Only SupSup's state is a ``SupermaskModel`` (``resumable``).
+interface the run loop uses: ``train_group`` learns the next group of tasks, ``evaluate`` measures learned tasks
+(all by default), ``bytes_stored`` is what the method keeps. Only SupSup's state is a ``SupermaskModel`` (``resumable``).
 
 - ``SupSup``: supermasks (and SupSup Transfer); GG, GNs or GNu.
 - ``Baseline``: Upper Bound, Lower Bound, Separate Heads, PSP, BatchE in GG; BatchE in GNu is ABatchE.
@@ -79,17 +79,19 @@ class SupSup:
             else {}
         return train_task_group(self.model, self.stream, self.config.train, on_batch, **hooks)
 
-    def evaluate(self, on_task: Callable[[int], None], on_sample: Callable[[int], None] | None = None) -> dict:
-        """Every learned task under the config's scenario; with per-sample granularity, also the mixed stream."""
+    def evaluate(self, on_task: Callable[[int], None], on_sample: Callable[[int], None] | None = None,
+                 tasks: list[int] | None = None) -> dict:
+        """Learned ``tasks`` (all by default) under the config's scenario; with per-sample granularity, also the
+        mixed stream of all tasks."""
         config, how = self.config, self.config.inference
         # With per-sample granularity and a subsampled mixed stream (``mixed_per_task``), per task only the
         # task-given accuracy; otherwise every sample is inferred within its own task's test set.
         mixed_only = how.granularity == "sample" and config.mixed_per_task is not None
-        evaluation = evaluate(self.model, self.stream, "GG" if mixed_only else config.scenario, how,
+        evaluation = evaluate(self.model, self.stream, "GG" if mixed_only else config.scenario, how, tasks=tasks,
                               seed=config.seed, on_task=lambda r: on_task(1))
         rows = [r.as_dict() for r in evaluation.tasks]
         out = {"tasks": rows, **_averages(rows)}
-        if how.granularity == "sample" and config.scenario != "GG":
+        if how.granularity == "sample" and config.scenario != "GG" and tasks is None:
             out["mixed_stream"] = evaluate_mixed(self.model, self.stream, how, config.scenario,
                                                  per_task=config.mixed_per_task, seed=config.seed,
                                                  on_batch=on_sample).as_dict()
@@ -137,14 +139,14 @@ class Baseline:
     def train_group(self, on_batch: OnBatch) -> list[int]:
         return [self.impl.learn(on_batch)]
 
-    def evaluate(self, on_task: Callable[[int], None], on_sample=None) -> dict:
+    def evaluate(self, on_task: Callable[[int], None], on_sample=None, tasks: list[int] | None = None) -> dict:
         if self.config.scenario == "GNu":  # ABatchE: the member inferred as SupSup infers a mask
-            evaluation = evaluate(self.impl, self.stream, "GNu", self.config.inference, seed=self.config.seed,
-                                  on_task=lambda r: on_task(1))
+            evaluation = evaluate(self.impl, self.stream, "GNu", self.config.inference, tasks=tasks,
+                                  seed=self.config.seed, on_task=lambda r: on_task(1))
             rows = [r.as_dict() for r in evaluation.tasks]
         else:
             rows = []
-            for t in range(self.num_tasks):
+            for t in range(self.num_tasks) if tasks is None else tasks:
                 rows.append({"task": t, "accuracy": self.impl.accuracy(t)})
                 on_task(1)
         return {"tasks": rows, **_averages(rows)}
@@ -213,12 +215,12 @@ class HopSupSupRun:
         _, held_out = split_train(self.stream, task, self.train_cfg.holdout, self.train_cfg.seed)
         return [self.stream.batch(task, "train", held_out[i : i + size]) for i in range(0, held_out.numel(), size)]
 
-    def evaluate(self, on_task: Callable[[int], None], on_sample=None) -> dict:
+    def evaluate(self, on_task: Callable[[int], None], on_sample=None, tasks: list[int] | None = None) -> dict:
         from supsup.hopfield import RecoveryConfig, accuracy, hamming, recover, steps_to_match, steps_to_recover
 
         hop, true, rows = self.config.hopfield, self.true_masks, []
         recovery = RecoveryConfig(lr=hop.recovery_lr, gamma=hop.gamma)
-        for task in range(self.num_tasks):
+        for task in range(self.num_tasks) if tasks is None else tasks:
             test = self._batches(task, "test")
             data = [x for x, _ in (test if hop.protocol == "transductive" else self._batches(task, "held-out"))]
             r = recover(self.model, data, recovery)

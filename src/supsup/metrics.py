@@ -2,7 +2,7 @@
 
 The accuracy matrix ``R`` has one row per evaluation (at the run's schedule, the last after all T tasks):
 ``R[i][j]`` is the accuracy on task j after the tasks of row i were learned (``tasks_learned[i]`` of them),
-``None`` for a task not learned yet. The accuracy is the scenario's: with the task given (GG), or with the task
+``None`` for a task not learned yet (or not measured in that row). The accuracy is the scenario's: with the task given (GG), or with the task
 inferred (GNs, GNu; a wrong task makes the batch wrong).
 
 - **Average accuracy** ``A = (1/T) Σ_j R[last][j]`` (ACC in Lopez-Paz & Ranzato 2017, "Gradient Episodic
@@ -10,9 +10,11 @@ inferred (GNs, GNu; a wrong task makes the batch wrong).
 - **Forgetting** (Chaudhry et al. 2018, Eq. 3-4): for every task j learned before the last row,
   ``f_j = max over earlier rows l of R[l][j] − R[last][j]``; the measure is their mean. ``None`` with one row.
 - **Backward transfer** (Lopez-Paz & Ranzato 2017, Eq. 2): ``BWT = mean over j < T of R[last][j] − R[j][j]``,
-  where ``R[j][j]`` is task j's accuracy right after it was learned: the row with ``tasks_learned = j + 1``.
-  Only tasks that have such a row count, so BWT is exact when the schedule evaluates after every task
-  (``eval_at = [1, 2, ..., T]``) and a sample of tasks otherwise; ``None`` when no task has one.
+  where ``R[j][j]`` is task j's accuracy right after it was learned: the row with ``tasks_learned = j + 1``, or a
+  partial row that measured only the task group just learned (tasks trained together, ``tasks_at_once``).
+  Only tasks that have such a row count; ``None`` when no task has one. In scenario GG a run measures every
+  new task right after it (a row holding only the tasks just learned), so BWT covers every task; with task
+  inference only the evaluation schedule's rows exist (``eval_at``), and BWT is over the tasks they end on.
 - **Task-inference confusion** ``C[j][i]``: test samples of task j classified with inferred task i (or, in
   scenario NNs, with mask i). Task-inference accuracy = ``Σ_j C[j][j] / Σ C``.
 """
@@ -72,7 +74,10 @@ def forgetting(m: AccuracyMatrix) -> float | None:
 def backward_transfer(m: AccuracyMatrix) -> float | None:
     """Mean over j < T of (final accuracy − accuracy right after learning task j), where that row exists."""
     last = m.values[-1]
-    right_after = {n - 1: row[n - 1] for n, row in zip(m.tasks_learned, m.values)}
+    right_after = {}
+    for n, row in zip(m.tasks_learned, m.values):
+        partial = any(v is None for v in row)  # a row of only the tasks just learned (a task group)
+        right_after.update({j: v for j, v in enumerate(row) if v is not None and (partial or j == n - 1)})
     gains = [last[j] - right_after[j] for j in range(len(last) - 1) if j in right_after]
     return sum(gains) / len(gains) if gains else None
 

@@ -83,7 +83,8 @@ def group(runs: list[Run]) -> dict[str, list[Run]]:
     differing = [k for k in flats[0] if any(f.get(k) != flats[0][k] for f in flats)]
     labels = {}
     for members, flat in zip(experiments, flats):
-        label = ", ".join(f"{k.split('.')[-1]} {flat[k]}" for k in differing[:3]) or members[0].config.preset
+        label = ", ".join(f"{k.split('.')[-1]} {flat[k]}" for k in differing[:3]) or \
+            f"{members[0].config.preset} (this run)"
         labels[label + (f" ({len(members)} seeds)" if len(members) > 1 else "")] = members
     return labels
 
@@ -130,6 +131,10 @@ def accuracy_figure(groups: dict[str, list[Run]]) -> Figure:
                 (line,) = ax.plot([curve.tasks[i] for i in keep], [curve.accuracy[i] for i in keep], linestyle="--",
                                   marker="x", color="0.2" if len(shown) == 1 else "0.6", label=curve.label)
                 line.set_gid(f"paper:{curve.label}")
+    low, high = ax.get_ylim()
+    if high - low < 0.03:  # a few tenths of a point should not fill the whole height
+        middle = (low + high) / 2
+        ax.set_ylim(middle - 0.015, middle + 0.015)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -162,9 +167,17 @@ def matrix_figure(run: Run) -> Figure:
     for i, row in enumerate(rows):
         values[i, : len(row)] = [np.nan if v is None else v for v in row]
     fig, ax = _axes("Accuracy on task j after learning i tasks", "task j", "tasks learned i", integer="x")
-    image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", origin="upper",
-                      extent=(-0.5, width - 0.5, len(rows) - 0.5, -0.5))
+    low, high = np.nanmin(values), np.nanmax(values)
+    if high - low < 0.1:  # a colour scale of at least 10 points, so that noise does not look like forgetting
+        low, high = max(0.0, (low + high) / 2 - 0.05), min(1.0, (low + high) / 2 + 0.05)
+    image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", origin="upper", vmin=low,
+                      vmax=high, extent=(-0.5, width - 0.5, len(rows) - 0.5, -0.5))
     ax.set_yticks(range(len(rows)), [str(n) for n in learned])
+    if values.size <= 150:
+        for (i, j), v in np.ndenumerate(values):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8,
+                        color="white" if v < (low + high) / 2 else "black")
     fig.colorbar(image, ax=ax, label="accuracy (fraction)")
     return fig
 
