@@ -459,3 +459,9 @@ def test_sys_read_only_place_is_refused_before_training(capsys, tmp_path):
     existing = Path("/sys/kernel")  # an existing folder on a read-only file system
     code, _, err = supsup(capsys, "run", "demo", "--out", existing, "--force")
     assert code == 1 and f"cannot write into {existing}" in err
+
+
+def test_a_run_whose_data_is_missing_leaves_no_run_directory(tmp_path, capsys):
+    code, _, err = supsup(capsys, "run", "split-cifar100", "--small", "--data-root", tmp_path / "empty", "--out",
+                          tmp_path / "o")
+    assert code == 1 and "CIFAR-100 not found" in err and not (tmp_path / "o").exists()

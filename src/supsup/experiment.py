@@ -261,12 +261,19 @@ def run(config: RunConfig, out_dir: str | Path, data_root=None, log: RunLog = Ru
                            f"`supsup eval {directory.path}`)")
         directory.remove_temporaries()
     else:
+        created = not directory.path.exists()
         directory.prepare(force)
     torch.manual_seed(config.seed)
     kernels.retain_freed_memory()  # training re-allocates the same large tensors every step
+    try:
+        stream = make_stream(config, data_root)
+    except BaseException:
+        if not resume and created and not any(directory.path.iterdir()):
+            directory.path.rmdir()  # leave no empty run directory behind when the data cannot be read
+        raise
     logs = Logs(log, TensorBoardLog(directory.path / TENSORBOARD) if tensorboard else None)
     try:
-        session = _Run(config, directory, make_stream(config, data_root), logs)
+        session = _Run(config, directory, stream, logs)
         session.command = command
         if resume:
             _resume(directory, config, session)
