@@ -57,3 +57,37 @@ def test_nns_stops_at_a_hidden_task_boundary_after_its_time_budget(tmp_path, dat
                      "--set", "nns.check_every=10", "--train-seconds", "0.001")
     assert results["num_hidden_tasks"] == 1 and results["evaluated_tasks"] == [0]  # one whole task, then time
     assert results["config"]["nns"]["train_seconds"] == 0.001
+
+
+def test_supsup_transfer_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_path, data_root,
+                                                                                    monkeypatch):
+    from safetensors.torch import load_file
+
+    from supsup import methods
+    from supsup.experiment import run as run_experiment
+    from supsup.presets import get_preset
+
+    config = get_preset("split-fashion-mnist-transfer", small=True).replaced(
+        {"tasks": 3, "width": 4, "eval_at": [2], "train": {"batches_per_task": 6, "batch_size": 16}})
+    whole = run_experiment(config, tmp_path / "whole", data_root)
+    train_group, calls = methods.SupSup.train_group, []
+
+    def interrupted_in_task_3(self, on_batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return train_group(self, on_batch)
+
+    monkeypatch.setattr(methods.SupSup, "train_group", interrupted_in_task_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path / "cut", data_root)
+    cut = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert cut["status"] == "interrupted" and cut["tasks_done"] == 2
+    assert [p.name for p in (tmp_path / "cut").glob("transfer-*")] == ["transfer-2.safetensors"]
+    monkeypatch.setattr(methods.SupSup, "train_group", train_group)
+    resumed = run_experiment(config, tmp_path / "cut", data_root, resume=True)
+    for key in ("tasks", "accuracy_matrix", "metrics", "schedule"):
+        assert resumed[key] == whole[key], key
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(a[k].equal(b[k]) for k in a)  # identical masks and BN statistics
+    assert resumed["checkpoint"]["transfer"]["file"] == "transfer-3.safetensors"

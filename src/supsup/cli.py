@@ -177,7 +177,7 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _interrupted(out: Path, err: KeyboardInterrupt) -> typer.Exit:
-    from supsup.experiment import why_not_resumable
+    from supsup.checks import why_not_resumable
     from supsup.rundir import RunDirectory, RunError
 
     code = 143 if isinstance(err, Terminated) else 130
@@ -244,7 +244,8 @@ def run(
     results.json, metrics.csv, accuracy_matrix.csv and, for SupSup, model.safetensors (a checkpoint after every task
     group, so an interrupted run can be resumed)."""
     from supsup import kernels
-    from supsup.experiment import check_run, run as run_experiment
+    from supsup.checks import check_run
+    from supsup.experiment import run as run_experiment
     from supsup.rundir import RunDirectory, RunError
 
     given = dict(tasks=tasks, batches_per_task=batches_per_task, batch_size=batch_size, lr=lr, optimizer=optimizer,

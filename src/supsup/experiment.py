@@ -3,8 +3,8 @@
 ``_run_tasks`` is the one place where task groups are trained, evaluated at the schedule (the accuracy matrix,
 ``metrics.py``) and checkpointed. ``run(..., resume=True)`` continues after the last finished task group: every
 random object is derived from (seed, task), so the masks and every figure equal those of an uninterrupted run.
-Only SupSup's state is a checkpoint; the other methods, scenario NNs and SupSup Transfer cannot be resumed (the
-refusal says why). ``reevaluate`` checks the checkpoint, results.json and the rebuilt data against each other.
+Only SupSup's state is a checkpoint (SupSup Transfer's running score sums in a file beside it); the other methods
+and scenario NNs cannot be resumed (the refusal says why). ``reevaluate`` checks the checkpoint, results.json and the rebuilt data against each other.
 """
 
 from __future__ import annotations
@@ -14,81 +14,18 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save as safetensors_save
 
 from supsup import kernels, metrics
-from supsup.architectures import ARCHITECTURES
 from supsup.checkpoint import CheckpointError, load_checkpoint, load_into, read_metadata
 from supsup.config import RunConfig
 from supsup.data.streams import STREAMS, TaskStream
 from supsup.files import sha256_file, write_atomic, write_json
+from supsup.checks import check_device, check_run, why_not_resumable
 from supsup.loggers import Logs, RunLog, TensorBoardLog
-from supsup.masks import packed_size
 from supsup.methods import SupSup, architecture_kwargs, headline, make_method
-from supsup.rundir import (CHECKPOINT, CONFUSION, MATRIX, METRICS, RESULTS, TENSORBOARD, RunDirectory, RunError,
-                           require_same)
-
-
-# ------------------------------------------------------------------------------------ checks first
-def check_device(name: str) -> torch.device:
-    """The torch device ``name``, or ``ValueError`` saying why it cannot be used here."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {name!r}: expected e.g. 'cpu', 'cuda' or 'cuda:1'") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here (torch "
-                             f"{torch.__version__}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} asked for, but MPS is not available here; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {name!r} is not supported: use cpu, cuda or mps")
-    return device
-
-
-def bytes_per_task(config: RunConfig) -> int:
-    """Bytes of one task's masks for ``config``'s network (built on the meta device: nothing allocated)."""
-    with torch.device("meta"):
-        net = ARCHITECTURES[config.model](output_size=config.output_size, **architecture_kwargs(config))
-    return sum(packed_size(m.weight.numel()) for m in net.modules() if isinstance(m, (torch.nn.Linear,
-                                                                                      torch.nn.Conv2d)))
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on ``device`` (CPU: Linux ``MemAvailable``), or None where unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    from supsup.checkpoint import _available_memory
-
-    return _available_memory() if device.type == "cpu" else None
-
-
-def check_run(config: RunConfig) -> torch.device:
-    """Everything about a run that can be checked before any data is read or anything trained."""
-    device = check_device(config.device)
-    if config.method == "supsup":
-        masks = bytes_per_task(config) * config.tasks
-        free = available_memory(device)
-        if free is not None and masks > free:
-            raise ValueError(f"the masks of {config.tasks:,} tasks take {masks / 2**30:,.1f} GiB, more than the "
-                             f"{free / 2**30:,.1f} GiB of memory available on {device}: ask for fewer --tasks")
-    return device
-
-
-def why_not_resumable(config: RunConfig) -> str | None:
-    """Why a run of ``config`` cannot be resumed (None when it can)."""
-    if config.scenario == "NNs":
-        return ("scenario NNs runs cannot be resumed: the task-free learner keeps the float scores and optimiser "
-                "state of every mask in memory, which the checkpoint does not hold")
-    if config.transfer:
-        return ("SupSup Transfer runs cannot be resumed: the running sum of every task's scores that starts the "
-                "next task is not in the checkpoint")
-    if config.method != "supsup":
-        return (f"method {config.method} runs cannot be resumed: its state is not a SupermaskModel, so no "
-                f"checkpoint is written (results.json is still rewritten after every task)")
-    return None
+from supsup.rundir import (CHECKPOINT, CONFUSION, MATRIX, METRICS, RESULTS, TENSORBOARD, TRANSFER, RunDirectory,
+                           RunError, require_same)
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -153,6 +90,7 @@ class _Run:
         self.train_seconds = self.eval_seconds = 0.0
         self.sessions = 1
         self.command: str | None = None
+        self.transfer: dict | None = None  # SupSup Transfer: the file of the running score sums and its sha256
         self.nns_model = None  # scenario NNs: the model, checkpointed once trained
         self.checkpoint_sha256: str | None = None
         self.saved_tasks = 0  # learned tasks in the checkpoint on disk (or, unresumable, in results.json)
@@ -172,7 +110,7 @@ class _Run:
         return {"config": self.config.to_dict(), "data": self.data, "schedule": self.schedule,
                 "matrix": self.matrix.to_dict(), "progress": self.progress, "scalars": self.scalars,
                 "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds, "sessions": self.sessions,
-                "command": self.command}
+                "command": self.command, "transfer": self.transfer}
 
     def adopt(self, state: dict) -> None:
         self.schedule, self.sessions = list(state["schedule"]), state["sessions"] + 1
@@ -191,7 +129,8 @@ class _Run:
             out["bytes_stored"] = self.method.bytes_stored()
         model = self.checkpointed()
         if model is not None:
-            out.update(checkpoint={"file": CHECKPOINT, "sha256": self.checkpoint_sha256, "tasks": self.saved_tasks},
+            out.update(checkpoint={"file": CHECKPOINT, "sha256": self.checkpoint_sha256, "tasks": self.saved_tasks,
+                                   **({"transfer": self.transfer} if self.transfer else {})},
                        bytes_per_task=model.bytes_per_task(), num_weights=model.num_weights(),
                        bits_per_weight=8 * model.bytes_per_task() / model.num_weights())
         if self.matrix.values:
@@ -201,11 +140,25 @@ class _Run:
                 "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds, "sessions": self.sessions,
                 "environment": _environment(config)}
 
+    def save_transfer(self) -> dict | None:
+        """SupSup Transfer: write the running score sums as ``transfer-N.safetensors``; returns what the
+        checkpoint records of it (None before any task)."""
+        running = getattr(self.method, "running", None)
+        if running is None or running.count == 0:
+            return None
+        name = TRANSFER.format(tasks=running.count)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in running.state_dict().items()}
+        return {"file": name, "sha256": write_atomic(self.dir.path / name, safetensors_save(tensors))}
+
     def save(self, status: str = "running", **figures) -> dict:
         """Checkpoint (unless interrupted: then the last one stands), the CSV files, then results.json."""
         if status != "interrupted":
             if self.checkpointed() is not None:
+                self.transfer = self.save_transfer()
                 self.checkpoint_sha256 = self.dir.save(self.checkpointed(), self.state())
+                for old in self.dir.path.glob("transfer-*.safetensors"):
+                    if self.transfer is None or old.name != self.transfer["file"]:
+                        old.unlink()
             self.saved_tasks = self.method.num_tasks if self.method is not None else self.config.tasks
         write_atomic(self.dir.path / METRICS, metrics.scalars_csv(self.scalars).encode())
         if self.matrix.values:
@@ -237,6 +190,13 @@ def _resume(directory: RunDirectory, config: RunConfig, session: _Run) -> None:
         load_into(session.method.model, directory.checkpoint)
     except CheckpointError as err:
         raise RunError(f"cannot resume {directory.path}: {err}") from err
+    if state.get("transfer"):  # SupSup Transfer: the running sums the checkpoint was written with
+        path = directory.path / state["transfer"]["file"]
+        if not path.is_file() or sha256_file(path) != state["transfer"]["sha256"]:
+            raise RunError(f"cannot resume {directory.path}: {path.name} is missing or is not the file the "
+                           f"checkpoint was written with (sha256 differs); start again with --force")
+        session.method.running.load_state_dict(load_file(str(path)), device=session.config.device)
+        session.transfer = state["transfer"]
     session.adopt(state)
     session.checkpoint_sha256 = sha256_file(directory.checkpoint)
     session.saved_tasks = session.method.num_tasks

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from supsup.config import RunConfig
 from supsup.files import write_atomic
 from supsup.paper import CURVES
-from supsup.rundir import DECISIONS, RunDirectory, RunError
+from supsup.rundir import RunDirectory, RunError
 from supsup.tables import fmt, make_table, markdown
 
 IGNORED = ("seed", "device", "paper")  # config fields that do not make runs different experiments

@@ -5,6 +5,8 @@
 - ``results.json``: ``status`` (``running``, ``interrupted``, ``complete``), the config, what built the data
   and the model, the checkpoint's sha256, the kernel backend, the continual-learning metrics so far and, once
   complete, the per-task figures. Rewritten right after the checkpoint.
+- ``transfer-N.safetensors`` (SupSup Transfer): the running sum of the scores of the N tasks learned, which starts
+  the next task; written before the checkpoint that names it (with its sha256), the older one removed after.
 - ``metrics.csv`` (every scalar logged: loss, accuracies, seconds, per tasks learned), ``accuracy_matrix.csv``
   and ``task_confusion.csv`` (``supsup.metrics``); ``nns_decisions.json`` (scenario NNs); ``eval-*.json``
   (``supsup eval``); ``tensorboard/`` (``--tensorboard``); ``report/`` (``supsup report``).
@@ -20,10 +22,12 @@ from supsup.config import RunConfig
 from supsup.files import write_atomic, write_json
 
 RESULTS, CHECKPOINT, DECISIONS = "results.json", "model.safetensors", "nns_decisions.json"
+TRANSFER = "transfer-{tasks}.safetensors"  # SupSup Transfer's running score sums after that many tasks
 METRICS, MATRIX, CONFUSION, TENSORBOARD = "metrics.csv", "accuracy_matrix.csv", "task_confusion.csv", "tensorboard"
 WRITTEN = (RESULTS, CHECKPOINT, DECISIONS, METRICS, MATRIX, CONFUSION)
 #: What ``--force`` removes from an existing run directory (nothing else in it is touched).
-RUN_FILES = (*WRITTEN, "eval-*.json", *(f".{name}.*.tmp" for name in WRITTEN))
+RUN_FILES = (*WRITTEN, "eval-*.json", "transfer-*.safetensors", ".transfer-*.safetensors.*.tmp",
+             *(f".{name}.*.tmp" for name in WRITTEN))
 RUN_FOLDERS = (TENSORBOARD, "report")
 #: Config fields a resumed run or a re-evaluation may change (they do not change what was learned).
 FREE_FIELDS = ("device", "paper")
