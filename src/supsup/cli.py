@@ -374,19 +374,25 @@ def presets(ctx: typer.Context) -> None:
     """List the presets; `supsup presets show NAME` prints one as TOML, to copy, edit and run."""
     if ctx.invoked_subcommand is not None:
         return
+    from rich.padding import Padding
+
     from supsup.tables import make_table
 
     rows = []
     for name in preset_names():
-        c = get_preset(name)
-        small = f" (small: {get_preset(name, small=True).tasks})" if has_small(name) else ""
-        rows.append((name, f"{c.tasks}{small}", c.summary()))
-    table = make_table(["name", ("tasks", "right"), "what it runs"], title="presets (add --small for the "
-                       "scaled-down CPU form; `supsup presets show NAME` prints one)")
-    table.columns[0].no_wrap = True
-    for name, count, what in rows:
-        table.add_row(name, count, what)
-    console.print(table)
+        small = f"{get_preset(name, small=True).tasks} tasks" if has_small(name) else "—"
+        rows.append((name, small, get_preset(name).summary()))
+    head = "presets (--small: the scaled-down CPU form; `supsup presets show NAME` prints one as TOML)"
+    if console.width >= 120:
+        table = make_table(["name", "--small", "what it runs"], rows, title=head)
+        table.columns[0].no_wrap = table.columns[1].no_wrap = True
+        console.print(table)
+        return
+    console.print(head, soft_wrap=False)  # narrow: a list, every name whole on its own line
+    for name, small, what in rows:
+        console.print(Text(name, style="bold"), no_wrap=True, overflow="ignore", crop=False)
+        console.print(Padding(Text(what + (f"; --small: {small}" if small != "—" else "")), (0, 0, 0, 4)),
+                      highlight=False)
 
 
 @presets_app.command("show")
