@@ -306,6 +306,9 @@ CASES = [
          "config.tasks must be of type int, got 'five'", edit_results(lambda r: r["config"].update(tasks="five"))),
     # eval
     Case("eval a missing run", lambda p: ["eval", p.work / "nothing"], 1, "results.json not found"),
+    Case("eval a baseline run", lambda p: ["eval", p.copy, *_data(p)], 1,
+         "holds a run of method upper-bound, which keeps no checkpoint to re-evaluate",
+         edit_results(lambda r: r["config"].update(method="upper-bound", scenario="GG"))),
     Case("eval out is the checkpoint", lambda p: ["eval", p.run, "--out", p.run / "model.safetensors"], 2,
          "model.safetensors is an input of this command"),
     Case("eval out is results.json", lambda p: ["eval", p.run, "--out", p.run / "results.json"], 2,

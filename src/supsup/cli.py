@@ -188,8 +188,7 @@ def _interrupted(out: Path, err: KeyboardInterrupt) -> typer.Exit:
     except (RunError, ValueError):
         return fail(f"nothing was saved in {out}; start again with --force --out {out}", code, what)
     if why_not_resumable(config) is not None:
-        return fail(f"this run cannot be resumed ({why_not_resumable(config)}); start again with --force --out "
-                    f"{out}", code, what)
+        return fail(f"{why_not_resumable(config)}; start again with --force --out {out}", code, what)
     done, total = results["tasks_done"], results["config"]["tasks"]
     return fail(f"{done} of {total} tasks are saved in {out}; resume with: supsup run --resume {out}", code, what)
 

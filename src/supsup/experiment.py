@@ -382,7 +382,8 @@ def reevaluate(run_dir: str | Path, config: RunConfig, data_root=None, log: RunL
     results = directory.read_results()
     check_device(config.device)
     if config.method != "supsup":
-        raise RunError(f"{directory.path} is a {config.method} run, which keeps no checkpoint to re-evaluate")
+        raise RunError(f"{directory.path} holds a run of method {config.method}, which keeps no checkpoint to "
+                       f"re-evaluate: run it again to change its evaluation")
     if not directory.checkpoint.is_file():
         raise RunError(f"{directory.checkpoint} not found: the run saved no task yet")
     recorded = (results.get("checkpoint") or {}).get("sha256")
