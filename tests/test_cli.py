@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from supsup.cli import app, main
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 contended threads are slower than 1
 
 
 def flat(output: str) -> str:

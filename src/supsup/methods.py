@@ -46,8 +46,10 @@ def make_model(config: RunConfig, num_classes: int) -> SupermaskModel:
 
 
 def headline(config: RunConfig) -> str:
-    """The per-task figure the accuracy matrix holds: with the task given (GG) or inferred."""
-    return "accuracy" if config.scenario == "GG" else "accuracy_inferred"
+    """The per-task figure the accuracy matrix holds: with the task given (GG, or when per-sample inference is
+    measured on a subsampled mixed stream only, ``mixed_per_task``) or inferred."""
+    mixed_only = config.inference.granularity == "sample" and config.mixed_per_task is not None
+    return "accuracy" if config.scenario == "GG" or mixed_only else "accuracy_inferred"
 
 
 def _averages(rows: list[dict]) -> dict:

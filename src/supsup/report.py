@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from supsup.config import RunConfig
 from supsup.files import write_atomic
+from supsup.methods import headline
 from supsup.paper import CURVES
 from supsup.rundir import RunDirectory, RunError
 from supsup.tables import fmt, make_table, markdown
@@ -42,7 +43,7 @@ class Run:
     @property
     def headline(self) -> str:
         """The schedule's average the run is judged by: with the task given (GG) or inferred."""
-        return "average_accuracy" if self.config.scenario == "GG" else "average_accuracy_inferred"
+        return f"average_{headline(self.config)}"
 
 
 def load_run(path: str | Path) -> Run:
