@@ -82,9 +82,11 @@ def group(runs: list[Run]) -> dict[str, list[Run]]:
             experiments.append([r])
     flats = [_flat(members[0].results["config"]) for members in experiments]
     differing = [k for k in flats[0] if any(f.get(k) != flats[0][k] for f in flats)]
+    if "preset" in differing:  # another preset is another experiment: its name says enough
+        differing = ["preset"]
     labels = {}
     for members, flat in zip(experiments, flats):
-        label = ", ".join(f"{k.split('.')[-1]} {flat[k]}" for k in differing[:3]) or \
+        label = ", ".join(flat[k] if k == "preset" else f"{k.split('.')[-1]} {flat[k]}" for k in differing[:3]) or \
             f"{members[0].config.preset} (this run)"
         labels[label + (f" ({len(members)} seeds)" if len(members) > 1 else "")] = members
     return labels
@@ -111,8 +113,9 @@ def _byte_unit(largest: float) -> tuple[float, str]:
 
 def accuracy_figure(groups: dict[str, list[Run]]) -> Figure:
     """Average accuracy over the tasks learned so far, at each evaluation; the paper's curves dashed."""
-    first = next(iter(groups.values()))[0]
-    given = "task given" if first.config.scenario == "GG" else "task inferred"
+    scenarios = {r.config.scenario == "GG" for members in groups.values() for r in members}
+    given = {frozenset({True}): "task given", frozenset({False}): "task inferred"}.get(
+        frozenset(scenarios), "GG: task given, else inferred")
     fig, ax = _axes("Average accuracy over all tasks learned so far", "tasks learned",
                     f"average accuracy ({given}, fraction)")
     for label, members in groups.items():
@@ -192,7 +195,8 @@ def confusion_figure(run: Run) -> Figure:
         for i, n in row.items():
             counts[int(t), int(i)] = n
     shares = counts / counts.sum(1, keepdims=True).clip(min=1)
-    what = "mask" if run.config.scenario == "NNs" else "inferred task"
+    what = {"NNs": "mask"}.get(run.config.scenario, "task whose mask is nearest the recovered one"
+                                  if run.config.method == "hopsupsup" else "inferred task")
     fig, ax = _axes("Task inference: where each task's test images go", what, "task of the images", integer="xy")
     image = ax.imshow(shares, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label="share of the task's test images")
@@ -227,7 +231,11 @@ def bytes_figure(groups: dict[str, list[Run]]) -> Figure:
                           label=label)
         line.set_gid(f"run:{label}")
     ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
+    lows = [min(m[0].results["progress"]["bytes_stored"]) for m in groups.values() if m[0].results["progress"]["bytes_stored"]]
+    if lows and largest > 100 * min(lows):  # runs that store orders of magnitude apart
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
