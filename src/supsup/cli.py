@@ -239,9 +239,10 @@ def run(
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log TensorBoard scalars into "
                                                                     "RUN/tensorboard (supsup[tensorboard]).")] = False,
 ) -> None:
-    """Train on a preset's (or a config file's) task stream, evaluate, print a table, and save the run directory:
-    results.json, metrics.csv, accuracy_matrix.csv and, for SupSup, model.safetensors (a checkpoint after every task
-    group, so an interrupted run can be resumed)."""
+    """Train and evaluate a preset or a config file into a run directory.
+
+    The run directory holds results.json, metrics.csv, accuracy_matrix.csv and, for SupSup, model.safetensors (a
+    checkpoint after every task group, so an interrupted run can be resumed)."""
     from supsup import kernels
     from supsup.checks import check_run
     from supsup.experiment import run as run_experiment
@@ -314,8 +315,9 @@ def eval_run(
     data_root: DataRoot = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the JSON (default RUN_DIR/eval-*.json).")] = None,
 ) -> None:
-    """Re-evaluate a saved run from its checkpoint (optionally with other inference settings), after
-    checking that the checkpoint, results.json and the rebuilt data belong together."""
+    """Re-evaluate a saved run from its checkpoint, optionally with other inference settings.
+
+    The checkpoint, results.json and the rebuilt data are checked to belong together first."""
     from supsup.experiment import reevaluate
     from supsup.files import write_json
     from supsup.rundir import RunDirectory, RunError
