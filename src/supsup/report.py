@@ -213,7 +213,7 @@ def allocation_figure(run: Run) -> Figure:
                     "masks allocated", integer="xy")
     (line,) = ax.step(batches, counts, where="post", label="allocated")
     line.set_gid("allocated")
-    hidden = np.arange(0, run.decisions["batches"] + 1)
+    hidden = np.arange(0, run.decisions["batches"])
     ax.plot(hidden, hidden // per_task + 1, linestyle="--", color="0.4", label="one per hidden task")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
