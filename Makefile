@@ -23,9 +23,10 @@ $(ABIN)/supsup: pyproject.toml
 	$(ABIN)/pip install --quiet -e ".[avalanche]" "pytest>=8"
 	touch $@
 
-## demo: the main job — a real SupSup run on MNIST (5 PermutedMNIST tasks, task given and inferred), ~1 min on 2 cores
+## demo: the main job — a real SupSup run on MNIST (5 PermutedMNIST tasks, task given and inferred) into runs/demo;
+## it ends by pointing at `supsup report runs/demo` (figures beside the paper's)
 demo: $(BIN)/supsup
-	$(BIN)/supsup run demo
+	$(BIN)/supsup run demo --out runs/demo --force
 
 ## test: the whole test suite (fetches and verifies MNIST on first use), then the Avalanche tests in their venv
 ## (SUPSUP_REQUIRE: integrations whose library is installed there, so that a failed import fails, not skips)

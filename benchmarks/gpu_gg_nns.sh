@@ -20,7 +20,7 @@ json.dump(result, open('$OUT/gg_step.json', 'w'), indent=1)
 print(json.dumps(result))" > "$OUT/gg_step.log" 2>&1
 echo "gg_step exit $?"; tail -c 3000 "$OUT/gg_step.log"
 
-timeout "${NNS_SECONDS:-190}" python3 scripts/nns_permuted_mnist.py --device cuda --tasks 2500 \
+timeout "${NNS_SECONDS:-190}" python3 -m supsup run nns-permuted-mnist --device cuda --tasks 2500 \
   --train-seconds "${NNS_TRAIN_SECONDS:-120}" --eval-seconds "${NNS_EVAL_SECONDS:-30}" \
-  --data "$SUPSUP_DATA" --out "$OUT/nns" > "$OUT/nns.log" 2>&1
+  --data-root "$SUPSUP_DATA" --out "$OUT/nns" > "$OUT/nns.log" 2>&1
 echo "nns exit $?"; tail -n 25 "$OUT/nns.log"

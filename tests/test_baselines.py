@@ -1,6 +1,6 @@
 import torch
 
-from supsup.baselines import batche, lower_bound, psp, separate_heads, upper_bound
+from supsup.baselines import TaskConditioned, batche, lower_bound, psp, separate_heads, upper_bound
 from supsup.baselines.task_conditioned import random_orthogonal
 from supsup.data.vision import SplitClassStream
 from supsup.learners import TrainConfig
@@ -66,3 +66,39 @@ def test_psp_linear_mixes_the_input_exactly_as_the_weight_would():
     x = torch.randn(5, 6)
     expected = torch.nn.functional.linear(x, layer.layer.weight @ layer.context(2))
     assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+def test_abatche_superposition_with_one_hot_alpha_is_that_member():
+    from supsup.architectures import lenet
+    from supsup.layers import Superposition
+
+    stream = SplitClassStream(tensor_images(num_classes=6, size=28, channels=1), 3, 2, seed=0)
+    model = TaskConditioned("BatchE", lambda: lenet(output_size=2), stream, CFG, 3, seed=0)
+    for _ in range(3):
+        model.learn()
+    x, _ = stream.test_set(1)
+    with torch.no_grad():
+        one_hot = torch.tensor([0.0, 1.0, 0.0])
+        assert torch.allclose(model(x, Superposition(one_hot)), model(x, 1), atol=1e-5)
+        per_sample = torch.eye(3)[torch.arange(x.shape[0]) % 3]
+        expected = model(x, torch.arange(x.shape[0]) % 3)
+        assert torch.allclose(model(x, Superposition(per_sample)), expected, atol=1e-5)
+
+
+def test_abatche_one_shot_finds_the_member_trained_on_the_data():
+    from supsup.architectures import lenet
+    from supsup.evaluation import evaluate
+    from supsup.inference import Inference
+
+    # 4 tasks of 2 classes each, every class its own pattern: only task t's member is sure of task t's images
+    stream = SplitClassStream(tensor_images(num_classes=8, size=28, channels=1, train_per_class=64), 4, 2, seed=0)
+    cfg = TrainConfig(optimizer="adam", lr=1e-2, batch_size=32, batches_per_task=120)
+    model = TaskConditioned("BatchE", lambda: lenet(output_size=2), stream, cfg, 4, seed=0)
+    for _ in range(4):
+        model.learn()
+    for how in (Inference(method="oneshot"), Inference(method="oneshot", granularity="batch"),
+                Inference(method="binary", granularity="batch")):
+        result = evaluate(model, stream, "GNu", how, seed=0)
+        for task in result.tasks:
+            assert task.accuracy > 0.9, task  # each member learned its task
+            assert task.task_inference_accuracy == 1.0 and task.inferred == {task.task: 16}, (how, task)

@@ -29,4 +29,5 @@ def test_a_tiny_run_records_machine_spread_images_and_the_memcpy_ratio(tmp_path,
 def test_results_saved_before_these_fields_still_render():
     old = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-full-1thread.json"
     table = bench.markdown_table(json.loads(old.read_text()))
-    assert "One-Shot, one image | lenet k=2,500 | 29.398 ms |" in table
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if "|" in line]
+    assert ["One-Shot, one image", "lenet k=2,500", "29.398 ms"] in [row[:3] for row in rows]

@@ -47,8 +47,11 @@ def masks(run_dir: Path) -> dict:
 
 def figures(run_dir: Path) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
-    keys = ("tasks", "average_accuracy", "average_accuracy_inferred", "average_task_inference_accuracy", "schedule")
-    return {k: results[k] for k in keys}
+    keys = ("tasks", "average_accuracy", "average_accuracy_inferred", "average_task_inference_accuracy", "schedule",
+            "accuracy_matrix", "metrics", "confusion")
+    logged = [line for line in (run_dir / "metrics.csv").read_text().splitlines() if "seconds" not in line]
+    return {**{k: results[k] for k in keys}, "metrics.csv": logged,
+            "accuracy_matrix.csv": (run_dir / "accuracy_matrix.csv").read_text()}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,8 @@ def test_resume_after_a_kill_mid_task_gives_the_masks_and_figures_of_an_uninterr
     assert figures(out) == figures(uninterrupted)  # identical accuracies, to the last digit
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "complete" and results["sessions"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "results.json"]  # nothing stale
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_matrix.csv", "metrics.csv", "model.safetensors",
+                                                     "results.json", "task_confusion.csv"]  # nothing stale
 
 
 @pytest.mark.slow

@@ -550,14 +550,13 @@ COLUMNS = ("figure", "setting", "measured (± spread)", "dense, same run", "rati
 
 def print_table(results: dict, console=None) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from supsup.tables import make_table
 
     console = console or Console()
     meta = results["meta"]
     device_type = meta["device"].split(":")[0]
-    table = Table(title=f"supsup bench: {machine_line(meta)}")
-    for col in COLUMNS:
-        table.add_column(col)
+    table = make_table(COLUMNS, title=f"supsup bench: {machine_line(meta)}")
     for row in results["rows"]:
         cells = [c.replace("**", "") for c in _cells(row, device_type)]
         table.add_row(*(("[red]" + c) if "error" in row and i == 2 else c for i, c in enumerate(cells)))
@@ -572,10 +571,11 @@ def print_table(results: dict, console=None) -> None:
 
 def markdown_table(results: dict) -> str:
     """The machine line and the rows of a results dict (or of a saved JSON) as a Markdown table."""
+    from supsup.tables import make_table, markdown
+
     device_type = results["meta"]["device"].split(":")[0]
-    lines = [machine_line(results["meta"]), "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cells(row, device_type)) + " |" for row in results["rows"]]
-    return "\n".join(lines)
+    rows = [_cells(row, device_type) for row in results["rows"]]
+    return machine_line(results["meta"]) + "\n\n" + markdown(make_table(COLUMNS, rows))
 
 
 if __name__ == "__main__":  # python -m supsup.bench RESULTS.json  ->  Markdown rows

@@ -1,4 +1,5 @@
-"""The ``supsup`` command: run a preset, re-evaluate a saved run, list presets, fetch data.
+"""The ``supsup`` command: run a preset or a config file, re-evaluate a saved run, report on runs, list and show
+presets, fetch data, benchmark.
 
 Every failure a user can cause ends with one line on stderr, ``error: what is wrong; what to do``, and
 exit status 1 (2 for a usage error). An interrupted run (SIGINT: 130, SIGTERM: 143) says what is saved
@@ -7,7 +8,7 @@ and the command that resumes it.
 
 from __future__ import annotations
 
-import dataclasses
+import shlex
 import signal
 import sys
 import time
@@ -18,18 +19,21 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from rich.text import Text
 
+from supsup.config import MODELS, RunConfig, merge, parse_setting
 from supsup.evaluation import SCENARIOS
 from supsup.inference import GRANULARITIES, METHODS, OBJECTIVES
-from supsup.presets import PRESETS, RunConfig, get_preset
+from supsup.learners import OPTIMIZERS
+from supsup.presets import get_preset, has_small, preset_names, read_config_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Supermasks in Superposition: learn many tasks with binary masks on a frozen random network.")
+presets_app = typer.Typer(help="The paper's experiments as presets (TOML files shipped with supsup).")
+app.add_typer(presets_app, name="presets")
 console = Console()
 errors = Console(stderr=True)
+invocation: list[str] = []  # the arguments of the running command (recorded in results.json)
 
 
 class Terminated(KeyboardInterrupt):
@@ -51,49 +55,47 @@ def _choices(name: str, values) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)
 
 
-Model = _choices("Model", ("fc1024", "lenet"))
+Model = _choices("Model", MODELS)
 Scenario = _choices("Scenario", (*SCENARIOS, "NNs"))
 Method = _choices("Method", METHODS)
 Objective = _choices("Objective", OBJECTIVES)
 Granularity = _choices("Granularity", GRANULARITIES)
-
+Optimizer = _choices("Optimizer", OPTIMIZERS)
 
 DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="Data root (default: $SUPSUP_DATA or ~/.cache/supsup).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="torch device, e.g. cpu or cuda.")]
 
 
-def _apply_overrides(config: RunConfig, **overrides) -> RunConfig:
-    train = {k: overrides.pop(k) for k in ("batches_per_task", "tasks_at_once") if overrides.get(k) is not None}
-    inference = {k: overrides.pop(k) for k in ("method", "objective", "granularity", "steps") if overrides.get(k) is not None}
-    top = {k: (v.value if isinstance(v, Enum) else v) for k, v in overrides.items() if v is not None}
-    inference = {k: (v.value if isinstance(v, Enum) else v) for k, v in inference.items()}
-    data = dataclasses.asdict(config)
-    data.update(top)
-    data["train"].update(train)
-    data["inference"].update(inference)
-    data["eval_at"] = [n for n in data["eval_at"] if n <= data["tasks"]]
-    return RunConfig.from_dict(data)  # validates the settings together (e.g. objective against output size)
+def _value(v):
+    return v.value if isinstance(v, Enum) else v
 
 
-class _Bar:
-    """Adapts experiment progress callbacks to a rich progress bar."""
+def _flag_changes(**flags) -> dict:
+    """The config changes that command-line flags ask for, as a nested table (flags not given left out)."""
+    sections = {"train": ("batches_per_task", "tasks_at_once", "lr", "optimizer", "batch_size"),
+                "inference": ("method", "objective", "granularity", "steps"),
+                "nns": ("train_seconds", "eval_seconds")}
+    changes: dict = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        section = next((name for name, keys in sections.items() if key in keys), None)
+        target = changes.setdefault(section, {}) if section else changes
+        target[key] = _value(value)
+    return changes
 
-    def __init__(self, progress: Progress):
-        self.progress, self.task = progress, None
 
-    def stage(self, description: str, total: int) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-        self.task = self.progress.add_task(description, total=total)
-
-    def advance(self, steps: int) -> None:
-        if self.task is not None:
-            self.progress.advance(self.task, steps)
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=True)
+def apply_changes(config: RunConfig, settings: list[str], flags: dict) -> RunConfig:
+    """``config`` with the ``--set`` settings, then the flags, merged in; validated together (``ValueError``
+    naming the field). Evaluation points past a new task count are dropped (the end is always evaluated)."""
+    changes: dict = {}
+    for setting in settings:
+        changes = merge(changes, parse_setting(setting))
+    changes = merge(changes, _flag_changes(**flags))
+    data = merge(config.to_dict(), changes)
+    if isinstance(data.get("eval_at"), list) and isinstance(data.get("tasks"), int) and "eval_at" not in changes:
+        data["eval_at"] = [n for n in data["eval_at"] if not isinstance(n, int) or n <= data["tasks"]]
+    return RunConfig.from_dict(data)
 
 
 @contextmanager
@@ -103,65 +105,40 @@ def _clear_errors():
 
     from supsup.checkpoint import CheckpointError
     from supsup.data.sources import DataError
-    from supsup.experiment import RunError
+    from supsup.rundir import RunError
 
     try:
         yield
     except torch.OutOfMemoryError as err:
         raise fail(f"out of memory: {str(err).splitlines()[0]}; use fewer --tasks-at-once or a smaller model") from err
-    except (DataError, CheckpointError, RunError, ValueError, IndexError) as err:
+    except (DataError, CheckpointError, RunError, ValueError, IndexError, ImportError) as err:
         raise fail(str(err)) from err
     except OSError as err:
         where = f" {err.filename}" if err.filename else ""
         raise fail(f"cannot use{where}: {err.strerror or err}") from err
 
 
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4f}"
+def _logs(live: bool = True):
+    """A progress bar on a terminal, plain lines otherwise."""
+    from supsup.loggers import LineLog, ProgressBar
 
-
-def _columns(scenario: str) -> list[tuple[str, str]]:
-    """(header, key) of the per-task table for a scenario."""
-    if scenario == "GG":
-        return [("accuracy (task given)", "accuracy")]
-    if scenario == "NNs":
-        return [("accuracy (masks inferred, shared labels)", "accuracy_inferred"), ("masks used", "inferred_masks")]
-    return [("accuracy (task given)", "accuracy"), ("task-inference accuracy", "task_inference_accuracy"),
-            ("accuracy (task inferred)", "accuracy_inferred")]
-
-
-def _cell(value) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{m}: {n}" for m, n in value.items())
-    return _fmt(value)
+    return ProgressBar(console) if live and console.is_terminal else LineLog(console)
 
 
 def print_results(results: dict) -> None:
-    """The final table: per task, accuracy with the task given and inferred, and the averages."""
-    config = results["config"]
-    inf, scenario = config["inference"], config["scenario"]
-    title = (f"{config['preset']}: {config['benchmark']}, {config['model']} (s={config['output_size']}), "
-             f"scenario {scenario}")
-    if scenario != "GG":
-        title += f", {inf['method']} / {inf['objective']} / {inf['granularity']}"
-    columns = _columns(scenario)
-    table = Table(title=title)
-    table.add_column("hidden task" if scenario == "NNs" else "task", justify="right")
-    for header, _ in columns:
-        table.add_column(header, justify="right")
-    rows = results["tasks"]
-    shown = rows if len(rows) <= 30 else rows[:10] + [None] + rows[-10:]
-    for row in shown:
-        if row is None:
-            table.add_row("…", *["…"] * len(columns))
-        else:
-            table.add_row(str(row["task"]), *[_cell(row.get(key)) for _, key in columns])
-    averages = {"accuracy": results.get("average_accuracy"),
-                "task_inference_accuracy": results.get("average_task_inference_accuracy"),
-                "accuracy_inferred": results.get("average_accuracy_inferred")}
-    table.add_row("mean", *[_fmt(averages.get(key)) for _, key in columns], style="bold")
-    console.print(table)
-    if scenario == "NNs":
+    """The final table (per task, accuracy with the task given and inferred, and the means) and the metrics."""
+    from supsup.tables import fmt, results_table
+
+    config = RunConfig.from_dict(results["config"])
+    console.print(config.summary(), highlight=False, soft_wrap=True)
+    console.print(results_table(results))
+    m = results.get("metrics")
+    if m:
+        console.print(f"average accuracy {fmt(m['average_accuracy'])}, forgetting {fmt(m['forgetting'])}, "
+                      f"backward transfer {fmt(m['backward_transfer'])}"
+                      + (f", task inference {fmt(m['task_inference_accuracy'])}"
+                         if m.get("task_inference_accuracy") is not None else ""), highlight=False, soft_wrap=True)
+    if config.scenario == "NNs":
         console.print(f"NNs: {results['num_masks']} masks allocated for {results['num_hidden_tasks']} hidden tasks "
                       f"(decision log: nns_decisions.json)")
     if "mixed_stream" in results:
@@ -172,20 +149,27 @@ def print_results(results: dict) -> None:
     if "bytes_per_task" in results:
         extra = f" ({results['bits_per_weight']:.3f} bits per weight)" if "bits_per_weight" in results else ""
         console.print(f"masks stored: {results['bytes_per_task']:,} bytes per task{extra}")
+    elif "bytes_stored" in results:
+        console.print(f"stored: {results['bytes_stored']:,} bytes for {len(results['tasks'])} tasks")
     if "seconds" in results:
         console.print(f"time: {results['seconds']:.1f} s")
 
 
 def _check_options(config: RunConfig, given: dict) -> None:
-    """Options that the resolved scenario would silently ignore are usage errors."""
+    """Options that the resolved config would silently ignore are usage errors."""
     inference = [k for k in ("inference", "objective", "granularity", "steps") if given.get(k) is not None]
     if config.scenario == "GG" and inference:
         raise usage(f"--{inference[0]} has no effect in scenario GG (the task is given at test time): drop it, or "
                     f"choose --scenario GNu or GNs")
     if given.get("steps") is not None and config.inference.method != "gradient":
         raise usage("--steps only applies to --inference gradient")
-    if config.scenario == "NNs" and given.get("tasks_at_once") is not None:
-        raise usage("--tasks-at-once has no effect in scenario NNs (there are no task boundaries)")
+    if given.get("tasks_at_once") is not None and (config.scenario == "NNs" or config.method != "supsup"):
+        where = "scenario NNs (there are no task boundaries)" if config.scenario == "NNs" else \
+            f"method {config.method} (it learns one task at a time)"
+        raise usage(f"--tasks-at-once has no effect in {where}")
+    for flag in ("train_seconds", "eval_seconds"):
+        if given.get(flag) is not None and config.scenario != "NNs":
+            raise usage(f"--{flag.replace('_', '-')} only applies to scenario NNs")
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -193,25 +177,43 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _interrupted(out: Path, err: KeyboardInterrupt) -> typer.Exit:
-    from supsup.experiment import RunDirectory, RunError
+    from supsup.checks import why_not_resumable
+    from supsup.rundir import RunDirectory, RunError
 
     code = 143 if isinstance(err, Terminated) else 130
     what = "terminated" if code == 143 else "interrupted"
     try:
         results = RunDirectory(out).read_results()
-    except RunError:
-        results = None
-    if results is None or results["config"].get("scenario") == "NNs":
-        return fail(f"nothing resumable was saved in {out}; start again with --force --out {out}", code, what)
+        config = RunConfig.from_dict(results["config"])
+    except (RunError, ValueError):
+        return fail(f"nothing was saved in {out}; start again with --force --out {out}", code, what)
+    if why_not_resumable(config) is not None:
+        return fail(f"{why_not_resumable(config)}; start again with --force --out {out}", code, what)
     done, total = results["tasks_done"], results["config"]["tasks"]
     return fail(f"{done} of {total} tasks are saved in {out}; resume with: supsup run --resume {out}", code, what)
 
 
+def _load(source: str, small: bool) -> RunConfig:
+    """A preset by name, or a config file (``.toml``, or a run's ``results.json``)."""
+    path = Path(source)
+    if path.suffix in (".toml", ".json") or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"config file {path} not found")
+        return read_config_file(path, small)
+    return get_preset(source, small=small)
+
+
 @app.command()
 def run(
-    preset: Annotated[Optional[str], typer.Argument(help="Preset name (see `supsup presets`).")] = None,
+    preset: Annotated[Optional[str], typer.Argument(
+        help="A preset name (see `supsup presets`), a config file FILE.toml, or a run's results.json.")] = None,
+    settings: Annotated[list[str], typer.Option(
+        "--set", help="Change any setting: section.key=value, e.g. --set train.lr=1e-3 (repeatable).")] = [],
     tasks: Annotated[Optional[int], typer.Option(help="Number of tasks.")] = None,
     batches_per_task: Annotated[Optional[int], typer.Option(help="Training batches per task.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    optimizer: Annotated[Optional[Optimizer], typer.Option(help="Optimiser.")] = None,
     model: Annotated[Optional[Model], typer.Option(help="Network.")] = None,
     output_size: Annotated[Optional[int], typer.Option(help="Outputs (classes + superfluous neurons).")] = None,
     scenario: Annotated[Optional[Scenario], typer.Option(
@@ -221,6 +223,10 @@ def run(
     granularity: Annotated[Optional[Granularity], typer.Option(help="One inference per image, batch or sample.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Steps of the gradient inference method.")] = None,
     tasks_at_once: Annotated[Optional[int], typer.Option(help="Tasks trained together as one batched computation.")] = None,
+    train_seconds: Annotated[Optional[float], typer.Option(
+        help="NNs: end the stream at the first hidden-task boundary after this many seconds of training.")] = None,
+    eval_seconds: Annotated[Optional[float], typer.Option(
+        help="NNs: evaluate an evenly spaced subset of the streamed tasks that fits this many seconds.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of weights, scores, permutations and batch order.")] = None,
     small: Annotated[bool, typer.Option("--small", help="Use the preset's scaled-down CPU form.")] = False,
     device: Device = None,
@@ -230,22 +236,29 @@ def run(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory after its "
                                                                     "last finished task.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the run files in a non-empty --out.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log TensorBoard scalars into "
+                                                                    "RUN/tensorboard (supsup[tensorboard]).")] = False,
 ) -> None:
-    """Train on a preset's task stream, evaluate, print a table, and save results.json + model.safetensors
-    (the checkpoint is written after every task group, so an interrupted run can be resumed)."""
-    from supsup import kernels
-    from supsup.experiment import Progress as Callbacks, RunDirectory, RunError, check_run, run as run_experiment
+    """Train and evaluate a preset or a config file into a run directory.
 
-    given = dict(tasks=tasks, batches_per_task=batches_per_task, model=model, output_size=output_size,
-                 scenario=scenario, method=inference, objective=objective, granularity=granularity, steps=steps,
-                 tasks_at_once=tasks_at_once, seed=seed)
+    The run directory holds results.json, metrics.csv, accuracy_matrix.csv and, for SupSup, model.safetensors (a
+    checkpoint after every task group, so an interrupted run can be resumed)."""
+    from supsup import kernels
+    from supsup.checks import check_run
+    from supsup.experiment import run as run_experiment
+    from supsup.rundir import RunDirectory, RunError
+
+    given = dict(tasks=tasks, batches_per_task=batches_per_task, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                 model=model, output_size=output_size, scenario=scenario, method=inference, objective=objective,
+                 granularity=granularity, steps=steps, tasks_at_once=tasks_at_once, train_seconds=train_seconds,
+                 eval_seconds=eval_seconds, seed=seed)
     if resume is not None:
         changed = [k for k, v in given.items() if v is not None] + (["small"] if small else []) + \
-            (["out"] if out is not None else []) + (["force"] if force else [])
+            (["out"] if out is not None else []) + (["force"] if force else []) + (["set"] if settings else [])
         if preset is not None or changed:
             what = "a preset" if preset is not None else f"--{changed[0].replace('_', '-')}"
             raise usage(f"--resume continues a run with its own settings ({resume}/results.json): {what} cannot "
-                        f"be given with it (only --device and --data-root)")
+                        f"be given with it (only --device, --data-root and --tensorboard)")
         try:
             config = RunDirectory(resume).config()
         except RunError as err:
@@ -255,34 +268,36 @@ def run(
         out = resume
     else:
         if preset is None:
-            raise usage("give a preset (see `supsup presets`) or --resume RUN_DIR")
+            raise usage("give a preset (see `supsup presets`), a config file, or --resume RUN_DIR")
         try:
-            config = _apply_overrides(get_preset(preset, small=small), **given, device=device)
+            config = apply_changes(_load(preset, small), settings, {**given, "device": device})
         except (KeyError, ValueError) as err:
             raise usage(str(err.args[0] if err.args else err)) from err
+        except OSError as err:
+            raise fail(f"cannot read {preset}: {err.strerror or err}") from err
         _check_options(config, {**given, "inference": inference})
         out = out or Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     with _clear_errors():
         check_run(config)
         backend = kernels.describe(config.device)
-    console.print(f"[bold]{config.description or config.preset}[/bold]\n{config.tasks} tasks × "
-                  f"{config.train.batches_per_task} batches of {config.train.batch_size}, device {config.device}, "
-                  f"seed {config.seed} → {out}" + (" (resumed)" if resume is not None else ""), highlight=False)
+    t = config.train
+    console.print(f"[bold]{config.summary()}[/bold]\n{t.batches_per_task} batches of {t.batch_size} per task, "
+                  f"{t.optimizer} lr {t.lr:g}, device {config.device}, seed {config.seed} → {out}"
+                  + (" (resumed)" if resume is not None else ""), highlight=False, soft_wrap=True)
     console.print(f"kernels: {backend['backend']}" + (f" ({backend['reason']})" if "reason" in backend else ""),
                   highlight=False)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        with _progress() as progress, _clear_errors():
-            bar = _Bar(progress)
-            results = run_experiment(config, out, data_root, Callbacks(bar.stage, bar.advance),
-                                     resume=resume is not None, force=force)
+        with _clear_errors():
+            results = run_experiment(config, out, data_root, _logs(), resume=resume is not None, force=force,
+                                     tensorboard=tensorboard, command=shlex.join(["supsup", *invocation]))
     except KeyboardInterrupt as err:
         raise _interrupted(out, err) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     console.print(f"data: {results['data_source']}")
     print_results(results)
-    console.print(f"saved {out / 'results.json'} and {out / 'model.safetensors'}")
+    console.print(f"saved the run in {out}/; figures: supsup report {out}")
 
 
 @app.command("eval")
@@ -300,10 +315,12 @@ def eval_run(
     data_root: DataRoot = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the JSON (default RUN_DIR/eval-*.json).")] = None,
 ) -> None:
-    """Re-evaluate a saved run from its checkpoint (optionally with other inference settings), after
-    checking that the checkpoint, results.json and the rebuilt data belong together."""
-    from supsup.experiment import Progress as Callbacks, RunDirectory, RunError, reevaluate
+    """Re-evaluate a saved run from its checkpoint, optionally with other inference settings.
+
+    The checkpoint, results.json and the rebuilt data are checked to belong together first."""
+    from supsup.experiment import reevaluate
     from supsup.files import write_json
+    from supsup.rundir import RunDirectory, RunError
 
     directory = RunDirectory(run_dir)
     try:
@@ -311,8 +328,9 @@ def eval_run(
     except RunError as err:
         raise fail(str(err)) from err
     try:
-        config = _apply_overrides(config, scenario=scenario, method=inference, objective=objective,
-                                  granularity=granularity, steps=steps, device=device, mixed_per_task=mixed_per_task)
+        config = apply_changes(config, [], dict(scenario=scenario, method=inference, objective=objective,
+                                                granularity=granularity, steps=steps, device=device,
+                                                mixed_per_task=mixed_per_task))
     except ValueError as err:
         raise usage(str(err)) from err
     _check_options(config, dict(inference=inference, objective=objective, granularity=granularity, steps=steps))
@@ -324,9 +342,12 @@ def eval_run(
     if target.is_dir() or any(target.exists() and f.exists() and target.samefile(f) for f in inputs):
         raise usage(f"--out {target} is {'a directory' if target.is_dir() else 'an input of this command'}: "
                     f"choose another file")
-    with _progress() as progress, _clear_errors():
-        bar = _Bar(progress)
-        results = reevaluate(run_dir, config, data_root, Callbacks(bar.stage, bar.advance))
+    with _clear_errors():
+        log = _logs()
+        try:
+            results = reevaluate(run_dir, config, data_root, log)
+        finally:
+            log.close()
     print_results(results)
     with _clear_errors():
         write_json(target, results)
@@ -334,17 +355,59 @@ def eval_run(
 
 
 @app.command()
-def presets() -> None:
-    """List the presets (the paper's experiments) and their scaled-down CPU forms."""
-    table = Table(title="presets (add --small for the scaled-down CPU form)")
-    for column in ("name", "tasks", "model", "s", "scenario / inference", "description"):
-        table.add_column(column)
-    for name in PRESETS:
-        c = get_preset(name)
-        table.add_row(name, f"{c.tasks} (small: {get_preset(name, small=True).tasks})", c.model, str(c.output_size),
-                      f"{c.scenario} {c.inference.method}/{c.inference.objective}/{c.inference.granularity}",
-                      c.description)
-    console.print(table)
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (several overlay: H vs G, methods; runs that "
+                                                    "differ only in seed are shown as mean ± std).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.md and the figures (default: "
+                                                              "RUN/report for one run, else report/).")] = None,
+) -> None:
+    """Figures (PNG and SVG) of finished runs beside the paper's numbers, and a report.md that embeds them."""
+    from supsup.report import write_report
+
+    target = out or (runs[0] / "report" if len(runs) == 1 else Path("report"))
+    with _clear_errors():
+        written = write_report(runs, target)
+    console.print(f"wrote {target / 'report.md'} with {len(written)} figures ({', '.join(written)})", soft_wrap=True)
+
+
+@presets_app.callback(invoke_without_command=True)
+def presets(ctx: typer.Context) -> None:
+    """List the presets; `supsup presets show NAME` prints one as TOML, to copy, edit and run."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.padding import Padding
+
+    from supsup.tables import make_table
+
+    rows = []
+    for name in preset_names():
+        small = f"{get_preset(name, small=True).tasks} tasks" if has_small(name) else "—"
+        rows.append((name, small, get_preset(name).summary()))
+    head = "presets (--small: the scaled-down CPU form; `supsup presets show NAME` prints one as TOML)"
+    if console.width >= 120:
+        table = make_table(["name", "--small", "what it runs"], rows, title=head)
+        table.columns[0].no_wrap = table.columns[1].no_wrap = True
+        console.print(table)
+        return
+    console.print(head, soft_wrap=False)  # narrow: a list, every name whole on its own line
+    for name, small, what in rows:
+        console.print(Text(name, style="bold"), no_wrap=True, overflow="ignore", crop=False)
+        console.print(Padding(Text(what + (f"; --small: {small}" if small != "—" else "")), (0, 0, 0, 4)),
+                      highlight=False)
+
+
+@presets_app.command("show")
+def show_preset(
+    name: Annotated[str, typer.Argument(help="A preset name (see `supsup presets`).")],
+    small: Annotated[bool, typer.Option("--small", help="Show the scaled-down CPU form.")] = False,
+) -> None:
+    """Print a preset as TOML: every setting, resolved. Save it, edit it and run it with `supsup run FILE.toml`."""
+    try:
+        config = get_preset(name, small=small)
+    except (KeyError, ValueError) as err:
+        raise usage(str(err.args[0] if err.args else err)) from err
+    sys.stdout.write(f"# {config.summary()}\n# supsup run FILE.toml runs an edited copy of this file.\n")
+    sys.stdout.write(config.to_toml())
 
 
 @app.command()
@@ -377,10 +440,25 @@ def bench(
         console.print(f"saved {json_path}")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from supsup import __version__
+
+        console.print(f"supsup {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(_: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False) -> None:
+    """Supermasks in Superposition: learn many tasks with binary masks on a frozen random network."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """The console entry point: runs the command and returns its exit status. A usage error (typer's
     parser errors included) prints one line and returns 2."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    invocation[:] = argv
     try:
         code = app(args=argv or ["--help"], prog_name="supsup", standalone_mode=False)
     except typer.TyperException as err:  # the parser's errors: unknown option, bad value, missing argument

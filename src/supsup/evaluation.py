@@ -28,15 +28,20 @@ SCENARIOS = ("GG", "GNs", "GNu")
 
 @dataclass
 class TaskResult:
-    """Per-task figures; ``None`` where the scenario does not infer tasks."""
+    """Per-task figures; ``None`` where the scenario does not infer tasks. ``inferred``: test samples of this
+    task classified with each inferred task (a row of the task-inference confusion matrix)."""
 
     task: int
     accuracy: float
     task_inference_accuracy: float | None = None
     accuracy_inferred: float | None = None
+    inferred: dict[int, int] | None = None
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        out = {k: v for k, v in self.__dict__.items() if v is not None}
+        if self.inferred is not None:
+            out["inferred"] = {str(t): n for t, n in sorted(self.inferred.items())}
+        return out
 
 
 @dataclass
@@ -86,9 +91,12 @@ def evaluate_task(model: SupermaskModel, stream: TaskStream, task: int, scenario
     if how.granularity == "image":
         return _evaluate_by_first_images(model, x, y, task, scenario, how, order, batch_size, correct_given, result)
     right_task = right = 0
+    counts = torch.zeros(model.num_tasks, dtype=torch.long, device=x.device)
     for start in range(0, x.shape[0], batch_size):
         idx = order[start : start + batch_size]
         inferred = infer_tasks(model, x[idx], how)
+        ids = inferred.expand(idx.numel())
+        counts.scatter_add_(0, ids, torch.ones_like(ids))
         if inferred.dim() == 0:  # one task for the whole batch
             task_ok = int(inferred) == task
             right_task += task_ok * idx.numel()
@@ -103,6 +111,7 @@ def evaluate_task(model: SupermaskModel, stream: TaskStream, task: int, scenario
             right += int((class_ok if scenario == "GNs" else class_ok & task_ok).sum())
     n = x.shape[0]
     result.task_inference_accuracy, result.accuracy_inferred = right_task / n, right / n
+    result.inferred = {t: c for t, c in enumerate(counts.tolist()) if c}
     return result
 
 
@@ -114,7 +123,9 @@ def _evaluate_by_first_images(model, x, y, task, scenario, how, order, batch_siz
     firsts = torch.stack([b[0] for b in batches])
     inferred = infer_tasks(model, x[firsts], dataclasses.replace(how, granularity="sample"))
     right_task = right = 0
+    result.inferred = {}
     for idx, t in zip(batches, inferred.tolist()):
+        result.inferred[t] = result.inferred.get(t, 0) + idx.numel()
         if t == task:
             right_task += idx.numel()
             right += int(correct_given[idx].sum())

@@ -1,200 +1,63 @@
-"""One run from a ``RunConfig``: data -> task stream -> learner -> evaluation -> run directory.
+"""One run from a ``RunConfig``: data -> task stream -> method -> evaluation -> run directory (``rundir.py``).
 
-A run directory is one unit, every file in it written atomically:
-
-- ``model.safetensors``: the checkpoint, rewritten after every task group. Its metadata holds the run's
-  config, what built the data and the progress so far (evaluation schedule, seconds): it alone is enough
-  to resume.
-- ``results.json``: ``status`` (``running``, ``interrupted``, ``complete``), the config, what built the data
-  and the model, the checkpoint's sha256, the kernel backend, the schedule so far and, once complete, the
-  per-task figures. Rewritten right after the checkpoint.
-- ``nns_decisions.json`` (scenario NNs) and ``eval-*.json`` (``supsup eval``).
-
-``run(..., resume=True)`` continues after the last finished task group: every random object is derived from
-(seed, task), so the masks and every figure equal those of an uninterrupted run. ``reevaluate`` checks
-the checkpoint, results.json and the rebuilt data against each other and refuses a mismatch.
+``_run_tasks`` is the one place where task groups are trained, evaluated at the schedule (the accuracy matrix,
+``metrics.py``) and checkpointed. ``run(..., resume=True)`` continues after the last finished task group: every
+random object is derived from (seed, task), so the masks and every figure equal those of an uninterrupted run.
+Only SupSup's state is a checkpoint (SupSup Transfer's running score sums in a file beside it); the other methods
+and scenario NNs cannot be resumed (the refusal says why). ``reevaluate`` checks the checkpoint, results.json and the rebuilt data against each other.
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save as safetensors_save
 
-from supsup import kernels
-from supsup.architectures import ARCHITECTURES, build_model
-from supsup.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint, load_into, read_metadata
-from supsup.data.idx import load_mnist
+from supsup import kernels, metrics
+from supsup.checkpoint import CheckpointError, load_checkpoint, load_into, read_metadata
+from supsup.config import RunConfig
 from supsup.data.streams import STREAMS, TaskStream
-from supsup.evaluation import Evaluation, evaluate, evaluate_mixed
 from supsup.files import sha256_file, write_atomic, write_json
-from supsup.learners import train_task_group
-from supsup.masks import packed_size
-from supsup.model import SupermaskModel
-from supsup.presets import RunConfig
-
-RESULTS, CHECKPOINT, DECISIONS = "results.json", "model.safetensors", "nns_decisions.json"
-#: What ``--force`` removes from an existing run directory (nothing else in it is touched).
-RUN_FILES = (RESULTS, CHECKPOINT, DECISIONS, "eval-*.json", f".{RESULTS}.*.tmp", f".{CHECKPOINT}.*.tmp",
-             f".{DECISIONS}.*.tmp")
-#: Config fields a resumed run or a re-evaluation may change (they do not change what was learned).
-FREE_FIELDS = ("device", "description")
-
-
-class RunError(RuntimeError):
-    """A run directory cannot be used as asked: not empty, not a run, or its files do not belong together."""
-
-
-@dataclass
-class Progress:
-    """Callbacks a front end (the CLI's progress bar) may set; all optional."""
-
-    on_stage: Callable[[str, int], None] = lambda description, total: None
-    on_advance: Callable[[int], None] = lambda steps: None
-
-
-# ------------------------------------------------------------------------------------ checks first
-def check_device(name: str) -> torch.device:
-    """The torch device ``name``, or ``ValueError`` saying why it cannot be used here."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {name!r}: expected e.g. 'cpu', 'cuda' or 'cuda:1'") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here (torch "
-                             f"{torch.__version__}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} asked for, but MPS is not available here; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {name!r} is not supported: use cpu, cuda or mps")
-    return device
-
-
-def bytes_per_task(config: RunConfig) -> int:
-    """Bytes of one task's masks for ``config``'s network (built on the meta device: nothing allocated)."""
-    with torch.device("meta"):
-        net = ARCHITECTURES[config.model](output_size=config.output_size)
-    return sum(packed_size(m.weight.numel()) for m in net.modules() if isinstance(m, (torch.nn.Linear,
-                                                                                      torch.nn.Conv2d)))
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on ``device`` (CPU: Linux ``MemAvailable``), or None where unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    from supsup.checkpoint import _available_memory
-
-    return _available_memory() if device.type == "cpu" else None
-
-
-def check_run(config: RunConfig) -> torch.device:
-    """Everything about a run that can be checked before any data is read or anything trained."""
-    device = check_device(config.device)
-    masks = bytes_per_task(config) * config.tasks
-    free = available_memory(device)
-    if free is not None and masks > free:
-        raise ValueError(f"the masks of {config.tasks:,} tasks take {masks / 2**30:,.1f} GiB, more than the "
-                         f"{free / 2**30:,.1f} GiB of memory available on {device}: ask for fewer --tasks")
-    return device
-
-
-# ------------------------------------------------------------------------------------ run directory
-class RunDirectory:
-    """The files of one run (see the module docstring)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.results, self.checkpoint, self.decisions = (self.path / n for n in (RESULTS, CHECKPOINT, DECISIONS))
-
-    def own_files(self) -> list[Path]:
-        return sorted({f for pattern in RUN_FILES for f in self.path.glob(pattern)})
-
-    def prepare(self, force: bool) -> None:
-        """Make an empty (or, with ``force``, emptied of run files) writable directory, or say why not."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunError(f"--out {self.path} is a file, not a directory: choose another --out")
-        if self.path.is_dir() and any(self.path.iterdir()):
-            if not force:
-                names = ", ".join(sorted(p.name for p in self.path.iterdir())[:4])
-                raise RunError(f"--out {self.path} is not empty (it holds {names}): pass --resume {self.path} to "
-                               f"continue that run, --force to replace it, or choose another --out")
-            for file in self.own_files():
-                file.unlink()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            write_json(self.path / ".write-test", {})
-            (self.path / ".write-test").unlink()
-        except OSError as err:
-            raise RunError(f"cannot write into {self.path}: {err.strerror or err}; choose another --out") from err
-
-    def remove_temporaries(self) -> None:
-        """Temporary files of writes cut off by a kill (an atomic write leaves no other trace)."""
-        for file in self.own_files():
-            if file.name.endswith(".tmp"):
-                file.unlink()
-
-    def read_results(self) -> dict:
-        import json
-
-        if not self.results.is_file():
-            raise RunError(f"{self.results} not found: is {self.path} a run directory written by `supsup run`?")
-        try:
-            results = json.loads(self.results.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RunError(f"{self.results} is not valid JSON ({err}): the file was cut short or edited") from err
-        if not isinstance(results, dict) or "config" not in results or "status" not in results:
-            raise RunError(f"{self.results} is not a supsup results file (no 'config' or 'status')")
-        return results
-
-    def config(self) -> RunConfig:
-        try:
-            return RunConfig.from_dict(self.read_results()["config"])
-        except ValueError as err:
-            raise RunError(f"{self.results}: {err}") from err
-
-    def save(self, model: SupermaskModel, run_state: dict) -> str:
-        """Write the checkpoint atomically; returns its sha256 (from the bytes written, not read back)."""
-        return write_atomic(self.checkpoint, checkpoint_bytes(model, extra={"run": run_state}))
-
-
-def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """``key: saved ≠ now`` for every field that differs (nested dicts by dotted key)."""
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        if prefix == "" and key in FREE_FIELDS:
-            continue
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} ≠ {b!r}")
-    return out
-
-
-def _require_same(what: str, saved: dict, now: dict, advice: str) -> None:
-    diff = _differences(saved, now)
-    if diff:
-        raise RunError(f"{what} differ: {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}; {advice}")
+from supsup.checks import check_device, check_run, why_not_resumable
+from supsup.loggers import Logs, RunLog, TensorBoardLog
+from supsup.methods import SupSup, architecture_kwargs, headline, make_method
+from supsup.rundir import (CHECKPOINT, CONFUSION, MATRIX, METRICS, RESULTS, TENSORBOARD, TRANSFER, RunDirectory,
+                           RunError, require_same)
 
 
 # ------------------------------------------------------------------------------------ pieces
 def make_stream(config: RunConfig, data_root=None) -> TaskStream:
-    data = load_mnist(data_root, device=config.device)
-    stream = STREAMS[config.benchmark](data, config.tasks, seed=config.seed)
+    """The benchmark's task stream, its data read (and checked) from the data root."""
+    name, device = config.benchmark, config.device
+    if name in STREAMS:
+        from supsup.data.idx import load_mnist
+
+        data = load_mnist(data_root, device=device)
+        stream = STREAMS[name](data, config.tasks, seed=config.seed)
+    elif name == "split-fashion-mnist":
+        from supsup.data.fashion import SplitFashionMNIST, load_split_fashion
+
+        data = load_split_fashion(data_root, device)
+        stream = SplitFashionMNIST(data, config.tasks, seed=config.seed)
+    elif name == "split-cifar100":
+        from supsup.data.cifar import SplitCIFAR100, load_cifar100
+
+        data = load_cifar100(data_root, device)
+        stream = SplitCIFAR100(data, config.tasks, seed=config.seed)
+    else:
+        from supsup.data.imagenet import SplitImageNet
+        from supsup.data.sources import data_root as resolve
+
+        size = config.image_size or 224
+        stream = SplitImageNet(data_root, config.tasks, seed=config.seed, image_size=size, resize=size * 8 // 7,
+                               device=device)
+        stream.source = f"files in {resolve(data_root) / 'imagenet'}"
+        return stream
     stream.source = data.source
     return stream
-
-
-def make_model(config: RunConfig, stream: TaskStream) -> SupermaskModel:
-    return build_model(config.model, output_size=config.output_size, seed=config.seed,
-                       num_classes=stream.num_classes, rule=config.rule, density=config.density).to(config.device)
 
 
 def describe_data(config: RunConfig, stream: TaskStream) -> dict:
@@ -203,94 +66,107 @@ def describe_data(config: RunConfig, stream: TaskStream) -> dict:
             "fingerprint": stream.fingerprint()}
 
 
-def describe_model(model: SupermaskModel) -> dict:
-    return {"architecture": model.architecture, "seed": model.seed, "rule": model.rule,
-            "bytes_per_task": model.bytes_per_task(), "num_weights": model.num_weights()}
-
-
-def evaluation_summary(num_tasks: int, evaluation: Evaluation) -> dict:
-    return {
-        "num_tasks": num_tasks,
-        "average_accuracy": evaluation.average_accuracy,
-        "average_accuracy_inferred": evaluation.average_accuracy_inferred,
-        "average_task_inference_accuracy": evaluation.average_task_inference_accuracy,
-    }
-
-
-def run_evaluation(model: SupermaskModel, stream: TaskStream, config: RunConfig, progress: Progress) -> dict:
-    """Evaluate all learned tasks under the config's scenario; with per-sample granularity, also
-    on the mixed stream. Returns the JSON-ready figures."""
-    how = config.inference
-    k = model.num_tasks
-    progress.on_stage(f"evaluating {k} tasks ({config.scenario})", k)
-    # With per-sample granularity, per-task figures infer every sample within its own task's test set,
-    # unless the mixed stream is subsampled (``mixed_per_task``): then per task only the task-given accuracy.
-    mixed_only = how.granularity == "sample" and config.mixed_per_task is not None
-    evaluation = evaluate(model, stream, "GG" if mixed_only else config.scenario, how, seed=config.seed,
-                          on_task=lambda r: progress.on_advance(1))
-    out = {"tasks": [r.as_dict() for r in evaluation.tasks], **evaluation_summary(k, evaluation)}
-    if how.granularity == "sample" and config.scenario != "GG":
-        total = sum(min(stream.size(t, "test"), config.mixed_per_task or 1 << 62) for t in range(k))
-        progress.on_stage(f"mixed stream of {k} tasks, per-sample inference", total)
-        out["mixed_stream"] = evaluate_mixed(model, stream, how, config.scenario, per_task=config.mixed_per_task,
-                                             seed=config.seed, on_batch=progress.on_advance).as_dict()
-    return out
-
-
 def _environment(config: RunConfig) -> dict:
     return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "device": config.device, "threads": torch.get_num_threads()}
 
 
+def _summary(figures: dict) -> dict:
+    return {k: v for k, v in figures.items() if k not in ("tasks", "confusion")}
+
+
 # ------------------------------------------------------------------------------------ runs
 class _Run:
-    """One session of a run: the state that goes into the checkpoint and results.json."""
+    """One session of a run: the state that goes into the checkpoint, results.json and the CSV files."""
 
-    def __init__(self, config: RunConfig, directory: RunDirectory, stream: TaskStream, model: SupermaskModel):
-        self.config, self.dir, self.stream, self.model = config, directory, stream, model
+    def __init__(self, config: RunConfig, directory: RunDirectory, stream: TaskStream, log: RunLog):
+        self.config, self.dir, self.stream, self.log = config, directory, stream, log
+        self.method = make_method(config, stream) if config.scenario != "NNs" else None
         self.data = describe_data(config, stream)
-        self.schedule: list[dict] = []
+        self.schedule: list[dict] = []  # averages at every evaluation
+        self.matrix = metrics.AccuracyMatrix()
+        self.progress: dict[str, list] = {"tasks_learned": [], "bytes_stored": [], "train_loss": []}
+        self.scalars: list[tuple[int, str, float]] = []
         self.train_seconds = self.eval_seconds = 0.0
         self.sessions = 1
+        self.command: str | None = None
+        self.transfer: dict | None = None  # SupSup Transfer: the file of the running score sums and its sha256
+        self.nns_model = None  # scenario NNs: the model, checkpointed once trained
         self.checkpoint_sha256: str | None = None
-        self.saved_tasks = 0  # learned tasks in the checkpoint on disk
+        self.saved_tasks = 0  # learned tasks in the checkpoint on disk (or, unresumable, in results.json)
+
+    def checkpointed(self):
+        """The SupermaskModel the checkpoint holds (SupSup; NNs once trained), or None for other methods."""
+        return self.method.model if isinstance(self.method, SupSup) else self.nns_model
+
+    def record(self, tasks_learned: int, values: dict) -> None:
+        """Scalars for metrics.csv and the logs."""
+        values = {k: v for k, v in values.items() if v is not None}
+        self.scalars += [(tasks_learned, k, float(v)) for k, v in values.items()]
+        self.log.scalars(tasks_learned, values)
 
     def state(self) -> dict:
         """What the checkpoint carries besides the model: enough to resume."""
         return {"config": self.config.to_dict(), "data": self.data, "schedule": self.schedule,
-                "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds, "sessions": self.sessions}
+                "matrix": self.matrix.to_dict(), "progress": self.progress, "scalars": self.scalars,
+                "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds, "sessions": self.sessions,
+                "command": self.command, "transfer": self.transfer}
 
     def adopt(self, state: dict) -> None:
         self.schedule, self.sessions = list(state["schedule"]), state["sessions"] + 1
+        self.matrix = metrics.AccuracyMatrix.from_dict(state["matrix"])
+        self.progress, self.scalars = state["progress"], [tuple(s) for s in state["scalars"]]
         self.train_seconds, self.eval_seconds = state["train_seconds"], state["eval_seconds"]
+        self.command = state.get("command")
 
     def results(self, status: str, **figures) -> dict:
-        return {
-            "status": status,
-            "config": self.config.to_dict(),
-            **figures,
-            "tasks_done": self.saved_tasks,
-            "data": self.data,
-            "model": describe_model(self.model),
-            "checkpoint": {"file": CHECKPOINT, "sha256": self.checkpoint_sha256, "tasks": self.saved_tasks},
-            "kernels": kernels.describe(self.config.device),
-            "bytes_per_task": self.model.bytes_per_task(),
-            "bits_per_weight": 8 * self.model.bytes_per_task() / self.model.num_weights(),
-            "num_weights": self.model.num_weights(),
-            "schedule": self.schedule,
-            "seconds": self.train_seconds + self.eval_seconds,
-            "train_seconds": self.train_seconds,
-            "eval_seconds": self.eval_seconds,
-            "sessions": self.sessions,
-            "data_source": self.stream.source,
-            "environment": _environment(self.config),
-        }
+        config = self.config
+        out = {"status": status, "command": self.command, "config": config.to_dict(), **figures,
+               "tasks_done": self.saved_tasks,
+               "data": self.data, "data_source": self.stream.source}
+        if self.method is not None:
+            out["model"] = self.method.describe()
+            out["bytes_stored"] = self.method.bytes_stored()
+        model = self.checkpointed()
+        if model is not None:
+            out.update(checkpoint={"file": CHECKPOINT, "sha256": self.checkpoint_sha256, "tasks": self.saved_tasks,
+                                   **({"transfer": self.transfer} if self.transfer else {})},
+                       bytes_per_task=model.bytes_per_task(), num_weights=model.num_weights(),
+                       bits_per_weight=8 * model.bytes_per_task() / model.num_weights())
+        if self.matrix.values:
+            out["accuracy_matrix"] = self.matrix.to_dict()
+        return {**out, "schedule": self.schedule, "progress": self.progress,
+                "kernels": kernels.describe(config.device), "seconds": self.train_seconds + self.eval_seconds,
+                "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds, "sessions": self.sessions,
+                "environment": _environment(config)}
+
+    def save_transfer(self) -> dict | None:
+        """SupSup Transfer: write the running score sums as ``transfer-N.safetensors``; returns what the
+        checkpoint records of it (None before any task)."""
+        running = getattr(self.method, "running", None)
+        if running is None or running.count == 0:
+            return None
+        name = TRANSFER.format(tasks=running.count)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in running.state_dict().items()}
+        return {"file": name, "sha256": write_atomic(self.dir.path / name, safetensors_save(tensors))}
 
     def save(self, status: str = "running", **figures) -> dict:
-        """Checkpoint (unless interrupted: then the last one stands), then results.json."""
+        """Checkpoint (unless interrupted: then the last one stands), the CSV files, then results.json."""
         if status != "interrupted":
-            self.checkpoint_sha256 = self.dir.save(self.model, self.state())
-            self.saved_tasks = self.model.num_tasks
+            if self.checkpointed() is not None:
+                self.transfer = self.save_transfer()
+                self.checkpoint_sha256 = self.dir.save(self.checkpointed(), self.state())
+                for old in self.dir.path.glob("transfer-*.safetensors"):
+                    if self.transfer is None or old.name != self.transfer["file"]:
+                        old.unlink()
+            self.saved_tasks = self.method.num_tasks if self.method is not None else self.config.tasks
+        write_atomic(self.dir.path / METRICS, metrics.scalars_csv(self.scalars).encode())
+        if self.matrix.values:
+            write_atomic(self.dir.path / MATRIX, metrics.matrix_csv(self.matrix, self.config.tasks).encode())
+        if "confusion" in figures:
+            write_atomic(self.dir.path / CONFUSION, metrics.confusion_csv(figures["confusion"]).encode())
+            figures["confusion"] = {str(t): {str(i): n for i, n in row.items()}
+                                    for t, row in figures["confusion"].items()}
         results = self.results(status, **figures)
         write_json(self.dir.results, results)
         return results
@@ -308,125 +184,206 @@ def _resume(directory: RunDirectory, config: RunConfig, session: _Run) -> None:
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise RunError(f"{directory.checkpoint} is not a checkpoint of a `supsup run` (no run state)")
     advice = f"{directory.path} mixes files of different runs; start a new run with --force or another --out"
-    _require_same(f"{directory.checkpoint.name} and {RESULTS} configs", state["config"], config.to_dict(), advice)
-    _require_same(f"the data of {directory.checkpoint.name} and of this run", state["data"], session.data, advice)
+    require_same(f"{directory.checkpoint.name} and {RESULTS} configs", state["config"], config.to_dict(), advice)
+    require_same(f"the data of {directory.checkpoint.name} and of this run", state["data"], session.data, advice)
     try:
-        load_into(session.model, directory.checkpoint)
+        load_into(session.method.model, directory.checkpoint)
     except CheckpointError as err:
         raise RunError(f"cannot resume {directory.path}: {err}") from err
+    if state.get("transfer"):  # SupSup Transfer: the running sums the checkpoint was written with
+        path = directory.path / state["transfer"]["file"]
+        if not path.is_file() or sha256_file(path) != state["transfer"]["sha256"]:
+            raise RunError(f"cannot resume {directory.path}: {path.name} is missing or is not the file the "
+                           f"checkpoint was written with (sha256 differs); start again with --force")
+        session.method.running.load_state_dict(load_file(str(path)), device=session.config.device)
+        session.transfer = state["transfer"]
     session.adopt(state)
     session.checkpoint_sha256 = sha256_file(directory.checkpoint)
-    session.saved_tasks = session.model.num_tasks
+    session.saved_tasks = session.method.num_tasks
 
 
-def run(config: RunConfig, out_dir: str | Path, data_root=None, progress: Progress = Progress(), *,
-        resume: bool = False, force: bool = False) -> dict:
+def run(config: RunConfig, out_dir: str | Path, data_root=None, log: RunLog = RunLog(), *, resume: bool = False,
+        force: bool = False, tensorboard: bool = False, command: str | None = None) -> dict:
     """Train and evaluate as configured into the run directory ``out_dir``; returns results.json's content.
 
-    ``resume``: continue the run in ``out_dir`` (whose results.json must hold ``config``). Otherwise
-    ``out_dir`` must be empty or absent (``force``: its run files are removed first). On
-    ``KeyboardInterrupt`` (SIGINT, or SIGTERM turned into one by the CLI) what is finished stays saved,
-    results.json says ``interrupted``, and the interrupt propagates."""
+    ``resume``: continue the run in ``out_dir`` (whose results.json must hold ``config``). Otherwise ``out_dir``
+    must be empty or absent (``force``: its run files are removed first). ``tensorboard``: scalars also into
+    ``out_dir/tensorboard``. ``command``: what started the run, for results.json (a resumed run keeps the first
+    one). On ``KeyboardInterrupt`` (SIGINT, or SIGTERM turned into one by the CLI) what is
+    finished stays saved, results.json says ``interrupted``, and the interrupt propagates."""
     check_run(config)
     directory = RunDirectory(out_dir)
     if resume:
-        if config.scenario == "NNs":
-            raise RunError("scenario NNs runs cannot be resumed: the task-free learner keeps the float scores and "
-                           "optimiser state of every mask in memory, which the checkpoint does not hold. Start "
-                           "it again with --force")
+        if (why := why_not_resumable(config)) is not None:
+            raise RunError(f"{why}. Start it again with --force --out {directory.path}")
         if directory.read_results()["status"] == "complete":
             raise RunError(f"the run in {directory.path} is complete: nothing to resume (re-evaluate it with "
                            f"`supsup eval {directory.path}`)")
         directory.remove_temporaries()
     else:
+        created = not directory.path.exists()
         directory.prepare(force)
     torch.manual_seed(config.seed)
     kernels.retain_freed_memory()  # training re-allocates the same large tensors every step
-    stream = make_stream(config, data_root)
-    model = make_model(config, stream)
-    session = _Run(config, directory, stream, model)
-    if resume:
-        _resume(directory, config, session)
     try:
-        if config.scenario == "NNs":
-            return _run_nns(session, progress)
-        return _run_tasks(session, progress)
-    except KeyboardInterrupt:
-        session.save("interrupted")
+        stream = make_stream(config, data_root)
+    except BaseException:
+        if not resume and created and not any(directory.path.iterdir()):
+            directory.path.rmdir()  # leave no empty run directory behind when the data cannot be read
         raise
+    logs = Logs(log, TensorBoardLog(directory.path / TENSORBOARD) if tensorboard else None)
+    try:
+        session = _Run(config, directory, stream, logs)
+        session.command = command
+        if resume:
+            _resume(directory, config, session)
+        try:
+            return _run_nns(session) if config.scenario == "NNs" else _run_tasks(session)
+        except KeyboardInterrupt:
+            session.save("interrupted")
+            raise
+    finally:
+        logs.close()
 
 
-def _run_tasks(session: _Run, progress: Progress) -> dict:
-    config, model, stream = session.config, session.model, session.stream
-    schedule = sorted({n for n in config.eval_at if model.num_tasks < n < config.tasks})
-    batches = config.train.batches_per_task
-    progress.on_stage(f"training {config.tasks} tasks", config.tasks * batches)
-    progress.on_advance(model.num_tasks * batches)
-    if not session.checkpoint_sha256:
-        session.save()
-    while model.num_tasks < config.tasks:
-        tick = time.perf_counter()
-        train_task_group(model, stream, config.train, on_batch=lambda count: progress.on_advance(count))
-        session.train_seconds += time.perf_counter() - tick
-        if schedule and model.num_tasks >= schedule[0]:
-            schedule.pop(0)
-            tick = time.perf_counter()
-            figures = run_evaluation(model, stream, config, Progress())
-            session.schedule.append({k: v for k, v in figures.items() if k != "tasks"})
-            session.eval_seconds += time.perf_counter() - tick
-            progress.on_stage(f"training {config.tasks} tasks", config.tasks * batches)
-            progress.on_advance(model.num_tasks * batches)
-        session.save()
+def _evaluate(session: _Run) -> dict:
+    """Every learned task, as the method evaluates it: a row of the accuracy matrix and a schedule entry."""
+    method, log, n = session.method, session.log, session.method.num_tasks
+    log.stage(f"evaluating {n} tasks ({session.config.scenario})", n)
     tick = time.perf_counter()
-    figures = run_evaluation(model, stream, config, progress)
+    figures = method.evaluate(on_task=lambda steps: log.advance(steps), on_sample=lambda steps: log.advance(steps))
     session.eval_seconds += time.perf_counter() - tick
-    if not session.schedule or session.schedule[-1]["num_tasks"] != model.num_tasks:
-        session.schedule.append({k: v for k, v in figures.items() if k != "tasks"})
-    return session.save("complete", **figures)
+    session.matrix.add(n, [row[headline(session.config)] for row in figures["tasks"]])
+    summary = {**_summary(figures), "bytes_stored": method.bytes_stored()}
+    if not session.schedule or session.schedule[-1]["num_tasks"] != n:
+        session.schedule.append(summary)
+    session.record(n, {f"eval/{k}": v for k, v in summary.items()
+                       if k != "num_tasks" and isinstance(v, (int, float))})
+    return figures
 
 
-def _run_nns(session: _Run, progress: Progress) -> dict:
-    """Scenario NNs: the stream's tasks as one unlabeled stream of batches; masks allocated by the
-    learner; evaluated with inferred masks and shared labels. Saves the decision log."""
-    from supsup.nns import NNsConfig, evaluate_nns, hidden_task_batches, train_nns
+def _right_after(session: _Run, tasks: list[int]) -> None:
+    """A partial row of the accuracy matrix: only the tasks just learned (cheap with the task given)."""
+    tick = time.perf_counter()
+    figures = session.method.evaluate(on_task=lambda steps: None, tasks=tasks)
+    session.eval_seconds += time.perf_counter() - tick
+    row: list[float | None] = [None] * session.method.num_tasks
+    for r in figures["tasks"]:
+        row[r["task"]] = r[headline(session.config)]
+    session.matrix.add(session.method.num_tasks, row)
 
-    config, model, stream = session.config, session.model, session.stream
-    cfg = NNsConfig(optimizer=config.train.optimizer, lr=config.train.lr, weight_decay=config.train.weight_decay,
-                    objective=config.inference.objective)
-    batches = hidden_task_batches(stream, config.train.batches_per_task, config.train.batch_size)
-    progress.on_stage(f"NNs: {config.tasks} hidden tasks, no task ids", config.tasks * config.train.batches_per_task)
+
+def _run_tasks(session: _Run) -> dict:
+    """Train the task groups, evaluate at the schedule, checkpoint after each group, evaluate at the end."""
+    config, method, log = session.config, session.method, session.log
+    schedule = sorted({n for n in config.eval_at if method.num_tasks < n < config.tasks})
+    total = config.tasks * config.train.batches_per_task
+    if not session.saved_tasks:
+        session.save()
+    staged = False
+    while method.num_tasks < config.tasks:
+        if not staged:
+            log.stage(f"training {config.tasks} tasks", total)
+            log.advance(method.num_tasks * config.train.batches_per_task)
+            staged = True
+        loss_sum, batches = torch.zeros(()), 0
+
+        def on_batch(steps: int, loss: torch.Tensor) -> None:
+            nonlocal loss_sum, batches
+            loss_sum, batches = loss_sum.to(loss.device) + loss.detach() / steps, batches + 1
+            log.advance(steps, loss / steps)
+
+        tick = time.perf_counter()
+        new = method.train_group(on_batch)
+        seconds = time.perf_counter() - tick
+        session.train_seconds += seconds
+        n, loss = method.num_tasks, float(loss_sum) / max(batches, 1)
+        for key, value in (("tasks_learned", n), ("bytes_stored", method.bytes_stored()), ("train_loss", loss)):
+            session.progress[key].append(value)
+        session.record(n, {"train/loss": loss, "train/seconds": seconds, "bytes/stored": method.bytes_stored()})
+        if schedule and n >= schedule[0]:
+            schedule.pop(0)
+            _evaluate(session)
+            staged = False
+        elif config.scenario == "GG":  # the task given: each new task right after it, for forgetting and BWT
+            _right_after(session, new)
+        session.save()
+    figures = _evaluate(session)
+    table = metrics.confusion(figures["tasks"])
+    summary = metrics.summary(session.matrix)
+    summary["task_inference_accuracy"] = metrics.inference_accuracy(table) if table else None
+    session.record(method.num_tasks, {f"metrics/{k}": v for k, v in summary.items()})
+    return session.save("complete", **figures, metrics=summary, **({"confusion": table} if table else {}))
+
+
+def _run_nns(session: _Run) -> dict:
+    """Scenario NNs: the stream's tasks as one unlabeled stream of batches; masks allocated by the learner;
+    evaluated with inferred masks and shared labels. Saves the decision log."""
+    from supsup.methods import make_model
+    from supsup.nns import evaluate_nns_within, hidden_task_batches, train_nns
+
+    config, stream, log = session.config, session.stream, session.log
+    model = make_model(config, stream.num_classes)
+    budget = config.nns.train_seconds
+    start, streamed = time.perf_counter(), [0]
+
+    def keep_going(done: int) -> bool:
+        streamed[0] = done
+        session.record(done, {"train/seconds": time.perf_counter() - start})
+        return budget is None or time.perf_counter() - start < budget
+
+    batches = hidden_task_batches(stream, config.train.batches_per_task, config.train.batch_size,
+                                  keep_going=keep_going)
+    log.stage(f"NNs: {config.tasks} hidden tasks, no task ids", config.tasks * config.train.batches_per_task)
     done = [0]
 
-    def advance(batches_done: int) -> None:
-        progress.on_advance(batches_done - done[0])
+    def advance(batches_done: int, loss: torch.Tensor) -> None:
+        log.advance(batches_done - done[0], loss)
         done[0] = batches_done
 
-    tick = time.perf_counter()
-    learned = train_nns(model, batches, cfg, on_batch=advance)
-    session.train_seconds = time.perf_counter() - tick
+    learned = train_nns(model, batches, config.nns, on_batch=advance, train=config.train,
+                        objective=config.inference.objective)
+    session.nns_model = model
+    session.train_seconds = time.perf_counter() - start
     write_json(session.dir.decisions, learned.to_dict())
-    progress.on_stage(f"evaluating {config.tasks} hidden tasks with inferred masks", config.tasks)
+    count = streamed[0] or config.tasks
+    log.stage(f"evaluating {count} hidden tasks with inferred masks", count)
     tick = time.perf_counter()
-    evaluation = evaluate_nns(model, stream, config.inference, seed=config.seed,
-                              on_task=lambda r: progress.on_advance(1))
+    evaluation = evaluate_nns_within(model, stream, count, config.nns.eval_seconds, how=config.inference,
+                                     seed=config.seed, on_task=lambda r: log.advance(1))
     session.eval_seconds = time.perf_counter() - tick
-    return session.save("complete", **nns_figures(evaluation), num_hidden_tasks=config.tasks,
-                        num_masks=learned.num_masks, stopped_at_budget=learned.stopped)
+    figures = nns_figures(evaluation)
+    session.matrix.add(count, [None] * count)
+    for row in figures["tasks"]:
+        session.matrix.values[-1][row["task"]] = row["accuracy_inferred"]
+    table = {r.task: dict(r.inferred) for r in evaluation.tasks}
+    session.record(count, {"eval/average_accuracy_inferred": figures["average_accuracy_inferred"],
+                           "eval/masks": learned.num_masks})
+    return session.save("complete", **figures, num_hidden_tasks=count, num_masks=learned.num_masks,
+                        stopped_at_budget=learned.stopped, confusion=table,
+                        model={"method": "SupSup (NNs)", "architecture": model.architecture, "seed": model.seed,
+                               "rule": model.rule, "bytes_per_task": model.bytes_per_task(),
+                               "num_weights": model.num_weights()},
+                        bytes_stored=model.bytes_per_task() * model.num_tasks)
 
 
 def nns_figures(evaluation) -> dict:
     """JSON-ready figures of an ``NNsEvaluation``: per hidden task, accuracy and which masks were inferred."""
     return {"tasks": [{"task": r.task, "accuracy_inferred": r.accuracy,
                        "inferred_masks": {str(m): n for m, n in r.inferred.items()}} for r in evaluation.tasks],
+            "evaluated_tasks": evaluation.evaluated_tasks,
             "average_accuracy": None, "average_accuracy_inferred": evaluation.average_accuracy}
 
 
-def reevaluate(run_dir: str | Path, config: RunConfig, data_root=None, progress: Progress = Progress()) -> dict:
+def reevaluate(run_dir: str | Path, config: RunConfig, data_root=None, log: RunLog = RunLog()) -> dict:
     """Evaluate a saved run's checkpoint again (possibly with other inference settings), after checking
     that results.json, the checkpoint and the rebuilt data belong together."""
     directory = RunDirectory(run_dir)
     results = directory.read_results()
     check_device(config.device)
+    if config.method != "supsup":
+        raise RunError(f"{directory.path} holds a run of method {config.method}, which keeps no checkpoint to "
+                       f"re-evaluate: run it again to change its evaluation")
     if not directory.checkpoint.is_file():
         raise RunError(f"{directory.checkpoint} not found: the run saved no task yet")
     recorded = (results.get("checkpoint") or {}).get("sha256")
@@ -440,25 +397,29 @@ def reevaluate(run_dir: str | Path, config: RunConfig, data_root=None, progress:
     state = (meta.get("extra") or {}).get("run") or {}
     saved = RunConfig.from_dict(results["config"]).to_dict()
     advice = f"the files of {directory.path} do not belong together"
-    _require_same(f"{CHECKPOINT} and {RESULTS} configs", state.get("config") or {}, saved, advice)
-    _require_same(f"{CHECKPOINT} and the model of {RESULTS}",
-                  {"seed": meta["seed"], "architecture": meta["architecture"]},
-                  {"seed": config.seed, "architecture": {"name": config.model, "output_size": config.output_size}},
-                  advice)
+    require_same(f"{CHECKPOINT} and {RESULTS} configs", state.get("config") or {}, saved, advice)
+    architecture = {"name": config.model, "output_size": config.output_size, **architecture_kwargs(config)}
+    require_same(f"{CHECKPOINT} and the model of {RESULTS}",
+                 {"seed": meta["seed"], "architecture": meta["architecture"]},
+                 {"seed": config.seed, "architecture": architecture}, advice)
     stream = make_stream(config, data_root)
-    _require_same(f"the data recorded in {RESULTS} and the data rebuilt now", results.get("data") or {},
-                  describe_data(config, stream), "the data or the random generator changed since the run")
+    require_same(f"the data recorded in {RESULTS} and the data rebuilt now", results.get("data") or {},
+                 describe_data(config, stream), "the data or the random generator changed since the run")
     model = load_checkpoint(directory.checkpoint, device=config.device)
     model.num_classes = stream.num_classes
     started = time.perf_counter()
     if config.scenario == "NNs":
         from supsup.nns import evaluate_nns
 
+        log.stage(f"evaluating {config.tasks} hidden tasks", config.tasks)
         evaluation = evaluate_nns(model, stream, config.inference, seed=config.seed,
-                                  on_task=lambda r: progress.on_advance(1))
+                                  on_task=lambda r: log.advance(1))
         figures = {**nns_figures(evaluation), "num_hidden_tasks": config.tasks, "num_masks": model.num_tasks}
     else:
-        figures = run_evaluation(model, stream, config, progress)
+        method = SupSup(config, stream)
+        method.model = model
+        log.stage(f"evaluating {model.num_tasks} tasks ({config.scenario})", model.num_tasks)
+        figures = method.evaluate(on_task=lambda steps: log.advance(steps), on_sample=lambda s: log.advance(s))
     return {"config": config.to_dict(), **figures, "bytes_per_task": model.bytes_per_task(),
             "checkpoint": {"file": CHECKPOINT, "sha256": actual, "tasks": model.num_tasks},
             "kernels": kernels.describe(config.device), "seconds": time.perf_counter() - started}
@@ -468,4 +429,3 @@ def tasks_saved(run_dir: str | Path) -> int:
     """Learned tasks in a run directory's checkpoint (0 when none was written yet)."""
     checkpoint = RunDirectory(run_dir).checkpoint
     return read_metadata(checkpoint)["num_tasks"] if checkpoint.is_file() else 0
-

@@ -28,6 +28,7 @@ from supsup.masks import threshold_mask
 from supsup.seeding import derive_seed, generator
 
 RULES = ("storkey", "hebbian")
+PROTOCOLS = ("held-out", "transductive")
 
 
 class HopfieldStore(nn.Module):
@@ -220,6 +221,31 @@ class HopSupSup(nn.Module):
 
 
 @dataclass
+class HopfieldConfig:
+    """A HopSupSup run (the ``[hopfield]`` section of a run config): the store, and how masks are recovered.
+
+    ``protocol``: ``held-out`` recovers a task's mask on its ``holdout`` training images that were never trained
+    on and scores it on the test set; ``transductive`` (the authors') recovers on the test set it scores."""
+
+    rule: str = "storkey"
+    joint: bool = False  # one store over all layers' masks instead of one per layer
+    protocol: str = "held-out"
+    holdout: int = 2048
+    test_batch: int = 64  # images per recovery step (and per test batch)
+    recovery_lr: float = 500.0
+    gamma: float = 1.5e-3  # weight of the Hopfield energy in the recovery loss
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown Hopfield rule {self.rule!r}; expected one of {RULES}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; expected one of {PROTOCOLS}")
+        for name in ("holdout", "test_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
 class HopTrainConfig:
     """Per-task training (reference defaults): SGD 0.1, momentum 0.9, wd 1e-4, cosine, 1 epoch of 128.
     ``holdout`` training images per task are kept out of training, for recovery on unseen data."""
@@ -242,7 +268,7 @@ def split_train(stream, task: int, holdout: int, seed: int) -> tuple[torch.Tenso
 
 
 def train_task(model: HopSupSup, stream, task: int, cfg: HopTrainConfig = HopTrainConfig(),
-               on_batch: Callable[[int, float], None] | None = None) -> list[torch.Tensor]:
+               on_batch: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
     """Learn ``task``'s neuron masks (scores start at 0: all neurons on), store them in the Hopfield
     stores and return them (``[d]`` bool per layer) for diagnostics only; the model keeps no copy."""
     train_idx, _ = split_train(stream, task, cfg.holdout, cfg.seed)
@@ -264,7 +290,7 @@ def train_task(model: HopSupSup, stream, task: int, cfg: HopTrainConfig = HopTra
             optimizer.step()
             schedule.step()
             if on_batch is not None:
-                on_batch(b, loss.item())
+                on_batch(b, loss.detach())
     masks = model.current_masks()
     model.set_masks(None)
     model.store(masks)

@@ -112,7 +112,7 @@ class TrainingStep:
 
 
 def train_task_group(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig,
-                     on_batch: Callable[[int], None] | None = None, *,
+                     on_batch: Callable[[int, torch.Tensor], None] | None = None, *,
                      init_scores: Callable[[int], list[torch.Tensor] | None] | None = None,
                      before_freeze: Callable[[SupermaskModel], None] | None = None) -> list[int]:
     """Learn the next K stream tasks (K = ``cfg.tasks_at_once``, fewer at the end of the stream);
@@ -138,11 +138,11 @@ def train_task_group(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig
     iterators = [stream.train_batches(t, cfg.batch_size, cfg.batches_per_task) for t in ids]
     for _ in range(cfg.batches_per_task):
         batches = [next(it) for it in iterators]
-        step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+        loss = step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
         if schedule is not None:
             schedule.step()
         if on_batch is not None:
-            on_batch(count)
+            on_batch(count, loss)
     if before_freeze is not None:
         before_freeze(model)
     model.end_tasks()

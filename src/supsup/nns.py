@@ -50,34 +50,33 @@ DECISIONS = ("first", "new", "reuse", "full", "stop")
 
 @dataclass
 class NNsConfig:
-    """Knobs of task-free training. Defaults: the paper's PermutedMNIST NNs run (§3.4, §2.12)."""
+    """Knobs of task-free training (the ``[nns]`` section of a run config). Defaults: the paper's PermutedMNIST
+    NNs run (§3.4, §2.12). The optimiser comes from the run's ``[train]`` settings, the objective from its
+    ``[inference]`` ones.
 
-    optimizer: str = "rmsprop"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # SGD only
+    ``train_seconds`` / ``eval_seconds`` time-box a run (the driver's budget, ``supsup run`` only): the stream
+    ends at the first hidden-task boundary after ``train_seconds`` of training, and the evaluation covers an
+    evenly spaced subset of the streamed tasks that fits ``eval_seconds`` (see ``evaluate_nns_within``)."""
+
     check_every: int = 100  # batches between two checks
     epsilon: float = 2.0 ** -3  # allocate when n · max ν < 1 + ε
     min_slots: int = 5  # n = max(k, min_slots): untrained masks in the superposition early on
     budget: int = 2500  # most masks ever allocated
     when_full: str = "reuse"  # "reuse" the best mask, or "stop" training (reference)
-    objective: str = "entropy"  # H (paper) or "g"
+    train_seconds: float | None = None
+    eval_seconds: float | None = None
 
     def __post_init__(self):
         if self.when_full not in WHEN_FULL:
             raise ValueError(f"when_full must be one of {WHEN_FULL}, got {self.when_full!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
         for name in ("check_every", "min_slots", "budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
-        self.train_config()  # validates the optimiser
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
-                           momentum=self.momentum)
+        for name in ("train_seconds", "eval_seconds"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
 
 
 @dataclass
@@ -146,10 +145,13 @@ class NNsLearner:
     State: ``scores[j]`` = float scores of mask/slot j (one tensor per masked layer) and its optimiser
     state. The model's banks hold max(k, min_slots) rows while training, k rows after ``finish``."""
 
-    def __init__(self, model: SupermaskModel, cfg: NNsConfig = NNsConfig()):
+    def __init__(self, model: SupermaskModel, cfg: NNsConfig = NNsConfig(), train: TrainConfig = TrainConfig(),
+                 objective: str = "entropy"):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
         if model.num_tasks or model.training_tasks:
             raise ValueError(f"NNs starts from an empty model; this one has {model.num_tasks} learned tasks")
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.train_cfg, self.objective = model, cfg, train, objective
         self.scores: list[list[torch.Tensor]] = []
         self.optimizer_states: list[dict | None] = []
         self.num_masks = 0
@@ -175,7 +177,7 @@ class NNsLearner:
     def _train(self, mask: int) -> None:
         """Make ``mask`` the one being trained (its scores and optimiser state)."""
         self.model.resume_tasks([mask], [s.unsqueeze(0) for s in self.scores[mask]])
-        self.optimizer = make_optimizer(self.model.score_parameters(), self.cfg.train_config())
+        self.optimizer = make_optimizer(self.model.score_parameters(), self.train_cfg)
         if self.optimizer_states[mask] is not None:
             self.optimizer.load_state_dict(self.optimizer_states[mask])
         self.current = mask
@@ -202,7 +204,7 @@ class NNsLearner:
         self._freeze()
         n = self.model.num_tasks
         alpha = torch.full((n,), 1.0 / n, device=x.device)
-        grad = alpha_gradient(self.model, x, alpha, self.cfg.objective, uniform=True)
+        grad = alpha_gradient(self.model, x, alpha, self.objective, uniform=True)
         new, best, confidence = decide(grad, self.num_masks, self.cfg.epsilon)
         if not new:
             kind, mask = "reuse", best
@@ -215,10 +217,11 @@ class NNsLearner:
         return Decision(self.batches, kind, mask, confidence, n, best)
 
     # --------------------------------------------------------------- train
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One training batch (checking first when due). Does nothing once stopped."""
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """One training batch (checking first when due); returns its loss (0-dim, detached), or None once
+        stopped."""
         if self.stopped:
-            return
+            return None
         decision = None
         if self.batches == 0:
             decision = Decision(0, "first", self._allocate(), None, self.model.num_tasks, 0)
@@ -228,7 +231,7 @@ class NNsLearner:
             self.decisions.append(decision)
             if decision.decision == "stop":
                 self.stopped = True
-                return
+                return None
             self._freeze()
             self._train(decision.mask)
         self.model.train()
@@ -237,6 +240,7 @@ class NNsLearner:
         loss.backward()
         self.optimizer.step()
         self.batches += 1
+        return loss.detach()
 
     def finish(self) -> NNsResult:
         """Freeze the mask in training and drop the untrained slots from the banks (k rows remain)."""
@@ -250,18 +254,20 @@ class NNsLearner:
 
 
 def train_nns(model: SupermaskModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-              cfg: NNsConfig = NNsConfig(), on_batch: Callable[[int], None] | None = None) -> NNsResult:
+              cfg: NNsConfig = NNsConfig(), on_batch: Callable[[int, torch.Tensor], None] | None = None, *,
+              train: TrainConfig = TrainConfig(), objective: str = "entropy") -> NNsResult:
     """Learn from ``batches`` of ``(x [B, ...], y [B])`` with no task ids; returns the run's result.
 
-    ``on_batch(batches_done)`` is called after every trained batch. The model ends with one learned
-    task per allocated mask (task ids are mask ids, unrelated to the hidden tasks' ids)."""
-    learner = NNsLearner(model, cfg)
+    ``on_batch(batches_done, loss)`` is called after every trained batch (``loss``: its 0-dim cross-entropy,
+    not synchronised). The model ends with one learned task per allocated mask (task ids are mask ids,
+    unrelated to the hidden tasks' ids)."""
+    learner = NNsLearner(model, cfg, train, objective)
     for x, y in batches:
-        learner.step(x, y)
+        loss = learner.step(x, y)
         if learner.stopped:
             break
         if on_batch is not None:
-            on_batch(learner.batches)
+            on_batch(learner.batches, loss)
     return learner.finish()
 
 

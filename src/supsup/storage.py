@@ -160,11 +160,12 @@ def implied_multiplier(target_bytes: float, shapes: list[tuple[int, ...]], num_t
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| row | paper | ours | gap | how |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['row']} | {r['paper'] / 1e6:,.2f}M | {r['ours'] / 1e6:,.2f}M | {100 * r['gap']:+.2f}% "
-                     f"| {r['how']} |")
-    return "\n".join(lines)
+    """The byte table as Markdown (M = 10^6 bytes)."""
+    from supsup.tables import make_table, markdown
+
+    return markdown(make_table(["row", ("paper", "right"), ("ours", "right"), ("gap", "right"), "how"],
+                               [(r["row"], f"{r['paper'] / 1e6:,.2f}M", f"{r['ours'] / 1e6:,.2f}M",
+                                 f"{100 * r['gap']:+.2f}%", r["how"]) for r in rows]))
 
 
 if __name__ == "__main__":  # python -m supsup.storage

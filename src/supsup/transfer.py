@@ -38,6 +38,18 @@ class RunningMeanScores:
             total += s.detach().sum(0).to(total)
         self.count += scores[0].shape[0]
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The running sums (``sum.{layer}``, float32) and the count (``count``, int64), for a checkpoint."""
+        if self.sums is None:
+            return {}
+        return {**{f"sum.{i}": s for i, s in enumerate(self.sums)}, "count": torch.tensor(self.count)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        """Restore what ``state_dict`` gave (an empty dict: nothing observed yet)."""
+        layers = sorted(int(k.split(".")[1]) for k in state if k.startswith("sum."))
+        self.sums = [state[f"sum.{i}"].to(device) for i in layers] or None
+        self.count = int(state["count"]) if "count" in state else 0
+
     @property
     def nbytes(self) -> int:
         """Bytes the running sums occupy (float32, one per weight per layer)."""

@@ -1,10 +1,9 @@
-"""The paper's GG baselines on the same harness as SupSup; each returns a ``GGResult`` (accuracy after
-each task and at the end, bytes stored)."""
+"""The paper's GG baselines on the same harness as SupSup: task by task (``learn``, ``accuracy``,
+``bytes_stored``), or a whole stream at once (the functions, each returning a ``GGResult``: accuracy after each
+task and at the end, bytes stored)."""
 
-from supsup.baselines.bounds import lower_bound, separate_heads, upper_bound
-from supsup.baselines.task_conditioned import batche, psp
+from supsup.baselines.bounds import MultiHead, UpperBound, lower_bound, separate_heads, upper_bound
+from supsup.baselines.task_conditioned import TaskConditioned, batche, psp
 
-BASELINES = {"upper-bound": upper_bound, "lower-bound": lower_bound, "separate-heads": separate_heads,
-             "batche": batche, "psp": psp}
-
-__all__ = ["BASELINES", "batche", "lower_bound", "psp", "separate_heads", "upper_bound"]
+__all__ = ["MultiHead", "TaskConditioned", "UpperBound", "batche", "lower_bound", "psp", "separate_heads",
+           "upper_bound"]

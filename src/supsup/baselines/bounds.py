@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from supsup.baselines.common import accuracy, fit, head_of, parameter_count, set_submodule
+from supsup.baselines.common import OnBatch, accuracy, fit, head_of, learn_stream, parameter_count, set_submodule
 from supsup.data.streams import TaskStream
 from supsup.gg import GGResult
 from supsup.learners import TrainConfig
@@ -33,20 +32,34 @@ def _seeded(build: Builder, seed: int, *what) -> nn.Module:
     return build()
 
 
-def upper_bound(build: Builder, stream: TaskStream, cfg: TrainConfig, num_tasks: int | None = None,
-                seed: int = 0) -> GGResult:
-    """A fresh dense network per task, all weights trained; accuracy right after each task."""
-    num_tasks = num_tasks or stream.num_tasks
-    result, start = GGResult("Upper Bound"), time.perf_counter()
-    for t in range(num_tasks):
-        net = _seeded(build, seed, "upper-bound", t).to(stream.device).train()
-        fit(net.parameters(), net, stream, t, cfg)
-        net.eval()
-        result.after_task.append(accuracy(net, stream, t))
-        result.bytes_stored += parameter_count(net) * FP32
-    result.at_end = list(result.after_task)  # each task keeps its own network
-    result.seconds = time.perf_counter() - start
-    return result
+class UpperBound:
+    """A fresh dense network per task, all weights trained. Each task keeps its own network, so its accuracy is
+    the one measured right after it was learned (the networks themselves are not kept in memory)."""
+
+    name = "Upper Bound"
+
+    def __init__(self, build: Builder, stream: TaskStream, cfg: TrainConfig, seed: int = 0):
+        self.build, self.stream, self.cfg, self.seed = build, stream, cfg, seed
+        self.accuracies: list[float] = []
+        self.parameters = 0
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.accuracies)
+
+    def learn(self, on_batch: OnBatch | None = None) -> int:
+        t = self.num_tasks
+        net = _seeded(self.build, self.seed, "upper-bound", t).to(self.stream.device).train()
+        fit(net.parameters(), net, self.stream, t, self.cfg, on_batch)
+        self.accuracies.append(accuracy(net.eval(), self.stream, t))
+        self.parameters = parameter_count(net)
+        return t
+
+    def accuracy(self, task: int) -> float:
+        return self.accuracies[task]
+
+    def bytes_stored(self) -> int:
+        return self.num_tasks * self.parameters * FP32
 
 
 class _Heads(nn.Module):
@@ -65,35 +78,54 @@ class _Heads(nn.Module):
         return lambda x: self.heads[task](self.trunk(x))
 
 
-def _multi_head(method: str, build: Builder, stream: TaskStream, cfg: TrainConfig, num_tasks: int | None,
-                seed: int, freeze_after_first: bool, head_cfg: TrainConfig | None) -> GGResult:
-    num_tasks = num_tasks or stream.num_tasks
-    model = _Heads(_seeded(build, seed, method), num_tasks).to(stream.device)
-    result, start = GGResult(method), time.perf_counter()
-    for t in range(num_tasks):
-        if freeze_after_first and t > 0:
+class MultiHead:
+    """A shared trunk and a head per task: trained on every task in turn (Lower Bound), or only with the first
+    task and then frozen, BN statistics too (``freeze_after_first``: Separate Heads, later heads at ``head_cfg``)."""
+
+    def __init__(self, name: str, build: Builder, stream: TaskStream, cfg: TrainConfig, num_tasks: int, seed: int,
+                 freeze_after_first: bool = False, head_cfg: TrainConfig | None = None):
+        self.name, self.stream, self.cfg, self.head_cfg = name, stream, cfg, head_cfg or cfg
+        self.freeze_after_first = freeze_after_first
+        self.model = _Heads(_seeded(build, seed, name), num_tasks).to(stream.device)
+        self.num_tasks = 0
+
+    def learn(self, on_batch: OnBatch | None = None) -> int:
+        t, model = self.num_tasks, self.model
+        if self.freeze_after_first and t > 0:
             model.trunk.eval().requires_grad_(False)  # frozen weights and BN statistics
             model.heads[t].train()
-            fit(model.heads[t].parameters(), model.forward_task(t), stream, t, head_cfg or cfg)
+            fit(model.heads[t].parameters(), model.forward_task(t), self.stream, t, self.head_cfg, on_batch)
         else:
             model.train()
-            fit(list(model.trunk.parameters()) + list(model.heads[t].parameters()), model.forward_task(t), stream,
-                t, cfg)
+            fit(list(model.trunk.parameters()) + list(model.heads[t].parameters()), model.forward_task(t),
+                self.stream, t, self.cfg, on_batch)
         model.eval()
-        result.after_task.append(accuracy(model.forward_task(t), stream, t))
-    result.at_end = [accuracy(model.forward_task(t), stream, t) for t in range(num_tasks)]
-    result.bytes_stored = (parameter_count(model.trunk) + sum(parameter_count(h) for h in model.heads)) * FP32
-    result.seconds = time.perf_counter() - start
-    return result
+        self.num_tasks += 1
+        return t
+
+    def accuracy(self, task: int) -> float:
+        return accuracy(self.model.eval().forward_task(task), self.stream, task)
+
+    def bytes_stored(self) -> int:
+        return (parameter_count(self.model.trunk) + sum(parameter_count(h) for h in self.model.heads)) * FP32
+
+
+def upper_bound(build: Builder, stream: TaskStream, cfg: TrainConfig, num_tasks: int | None = None,
+                seed: int = 0) -> GGResult:
+    """A fresh dense network per task, all weights trained; accuracy right after each task."""
+    return learn_stream(UpperBound(build, stream, cfg, seed), num_tasks or stream.num_tasks)
 
 
 def lower_bound(build: Builder, stream: TaskStream, cfg: TrainConfig, num_tasks: int | None = None,
                 seed: int = 0) -> GGResult:
     """One trunk trained on every task in turn (it forgets), a head per task."""
-    return _multi_head("Lower Bound", build, stream, cfg, num_tasks, seed, False, None)
+    num_tasks = num_tasks or stream.num_tasks
+    return learn_stream(MultiHead("Lower Bound", build, stream, cfg, num_tasks, seed), num_tasks)
 
 
 def separate_heads(build: Builder, stream: TaskStream, cfg: TrainConfig, num_tasks: int | None = None,
                    seed: int = 0, head_lr: float = 1e-2) -> GGResult:
     """Trunk trained with task 1 then frozen; a head per task (heads of later tasks at ``head_lr``)."""
-    return _multi_head("Separate Heads", build, stream, cfg, num_tasks, seed, True, replace(cfg, lr=head_lr))
+    num_tasks = num_tasks or stream.num_tasks
+    return learn_stream(MultiHead("Separate Heads", build, stream, cfg, num_tasks, seed, True,
+                                  replace(cfg, lr=head_lr)), num_tasks)

@@ -3,21 +3,52 @@ baselines run on the same harness (same streams, batches, optimiser settings) as
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from supsup.data.streams import TaskStream
+from supsup.gg import GGResult
 from supsup.layers import MultitaskBatchNorm
 from supsup.learners import TrainConfig, make_optimizer
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+OnBatch = Callable[[int, torch.Tensor], None]
 
 
-def fit(params: Iterable[nn.Parameter], forward: Forward, stream: TaskStream, task: int, cfg: TrainConfig) -> None:
-    """Train ``params`` on stream task ``task``: a fresh optimiser, ``cfg.batches_per_task`` batches, CE loss."""
+class Baseline(Protocol):
+    """A GG baseline, task by task: ``learn(task)`` trains the next task, ``accuracy(task)`` is a learned
+    task's test accuracy now (evaluated with the task given), ``bytes_stored`` what it keeps (bytes)."""
+
+    name: str
+    num_tasks: int
+
+    def learn(self, on_batch: OnBatch | None = None) -> int: ...
+
+    def accuracy(self, task: int) -> float: ...
+
+    def bytes_stored(self) -> int: ...
+
+
+def learn_stream(baseline: Baseline, num_tasks: int) -> GGResult:
+    """Learn tasks 0..num_tasks-1; GG accuracy of each right after it and at the end, bytes stored, seconds."""
+    result, start = GGResult(baseline.name), time.perf_counter()
+    while baseline.num_tasks < num_tasks:
+        result.after_task.append(baseline.accuracy(baseline.learn()))
+    result.at_end = [baseline.accuracy(t) for t in range(num_tasks)]
+    result.bytes_stored = baseline.bytes_stored()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def fit(params: Iterable[nn.Parameter], forward: Forward, stream: TaskStream, task: int, cfg: TrainConfig,
+        on_batch: OnBatch | None = None) -> None:
+    """Train ``params`` on stream task ``task``: a fresh optimiser, ``cfg.batches_per_task`` batches, CE loss.
+    ``on_batch(1, loss)`` after every batch (``loss``: 0-dim, detached, not synchronised)."""
     params = [p for p in params if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.batches_per_task) if cfg.cosine else None
@@ -28,6 +59,8 @@ def fit(params: Iterable[nn.Parameter], forward: Forward, stream: TaskStream, ta
         optimizer.step()
         if schedule is not None:
             schedule.step()
+        if on_batch is not None:
+            on_batch(1, loss.detach())
 
 
 @torch.no_grad()
