@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from supsup.data.idx import ImageDataset
 from supsup.data.vision import TensorImages
 
 
@@ -24,3 +25,18 @@ def tensor_images(num_classes: int = 10, train_per_class: int = 24, test_per_cla
     te_x = (te_x.float() + torch.randn(te_x.shape, generator=g) * 5).clamp(0, 255).to(torch.uint8)
     return TensorImages("synthetic", tr_x, tr_y, te_x, te_y, (0.5,) * channels, (0.25,) * channels, "synthetic",
                         num_classes)
+
+
+def synthetic_mnist(train: int = 256, test: int = 32) -> ImageDataset:
+    """MNIST-shaped ``[n, 28, 28] uint8`` images of 10 classes (a fixed pattern each, plus noise)."""
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.rand(10, 28, 28, generator=g) * 200
+
+    def make(n):
+        labels = torch.arange(n) % 10
+        images = (patterns[labels] + torch.randn(n, 28, 28, generator=g) * 30).clamp(0, 255).to(torch.uint8)
+        return images, labels
+
+    (tr_x, tr_y), (te_x, te_y) = make(train), make(test)
+    return ImageDataset(name="synthetic", train_images=tr_x, train_labels=tr_y, test_images=te_x,
+                        test_labels=te_y, mean=0.3, std=0.3, source="synthetic")

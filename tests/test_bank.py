@@ -122,3 +122,16 @@ def test_moving_a_bank_puts_its_masks_in_the_layout_of_the_device(monkeypatch):
     bank.to("cpu")
     assert bank._packed.dim() == 3 and torch.equal(bank.masks(torch.arange(21)), masks)
     assert torch.equal(bank.mask_sum, masks.reshape(21, -1).sum(0).int())
+
+
+def test_add_packed_appends_rows_as_packed_holds_them():
+    shape = (5, 13)
+    masks = random_masks(6, shape, seed=3)
+    whole = MaskBank(shape, capacity=1)
+    whole.add(masks)
+    rows = MaskBank(shape, capacity=1)
+    assert rows.add_packed(whole.packed[:4].clone()) == [0, 1, 2, 3]
+    assert rows.add_packed(whole.packed[4:].clone()) == [4, 5]
+    assert torch.equal(rows.packed, whole.packed) and torch.equal(rows.mask_sum, whole.mask_sum)
+    with pytest.raises(ValueError, match="expected packed masks"):
+        rows.add_packed(whole.packed.int())

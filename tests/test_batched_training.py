@@ -12,24 +12,10 @@ import torch
 from torch import nn
 
 from supsup.architectures import build_model
-from supsup.data.idx import ImageDataset
 from supsup.data.streams import PermutedMNIST
 from supsup.learners import TrainConfig, train_task_group
 from supsup.model import SupermaskModel
-
-
-def synthetic_mnist(train: int = 256, test: int = 32) -> ImageDataset:
-    g = torch.Generator().manual_seed(0)
-    patterns = torch.rand(10, 28, 28, generator=g) * 200
-
-    def make(n):
-        labels = torch.arange(n) % 10
-        images = (patterns[labels] + torch.randn(n, 28, 28, generator=g) * 30).clamp(0, 255).to(torch.uint8)
-        return images, labels
-
-    (tr_x, tr_y), (te_x, te_y) = make(train), make(test)
-    return ImageDataset(name="synthetic", train_images=tr_x, train_labels=tr_y, test_images=te_x,
-                        test_labels=te_y, mean=0.3, std=0.3, source="synthetic")
+from synthetic_images import synthetic_mnist
 
 
 def conv_model() -> SupermaskModel:

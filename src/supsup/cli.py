@@ -34,6 +34,7 @@ app.add_typer(presets_app, name="presets")
 console = Console()
 errors = Console(stderr=True)
 invocation: list[str] = []  # the arguments of the running command (recorded in results.json)
+rank_label = ""  # " (rank r)" on the ranks other than 0 of a torchrun job
 
 
 class Terminated(KeyboardInterrupt):
@@ -42,7 +43,7 @@ class Terminated(KeyboardInterrupt):
 
 def fail(message: str, code: int = 1, label: str = "error") -> typer.Exit:
     """Print ``error: message`` as one line on stderr; returns the exit to raise."""
-    errors.print(Text.assemble((f"{label}: ", "bold red"), message), soft_wrap=True, highlight=False)
+    errors.print(Text.assemble((f"{label}{rank_label}: ", "bold red"), message), soft_wrap=True, highlight=False)
     return typer.Exit(code)
 
 
@@ -105,13 +106,14 @@ def _clear_errors():
 
     from supsup.checkpoint import CheckpointError
     from supsup.data.sources import DataError
+    from supsup.distributed import DistributedError
     from supsup.rundir import RunError
 
     try:
         yield
     except torch.OutOfMemoryError as err:
         raise fail(f"out of memory: {str(err).splitlines()[0]}; use fewer --tasks-at-once or a smaller model") from err
-    except (DataError, CheckpointError, RunError, ValueError, IndexError, ImportError) as err:
+    except (DataError, CheckpointError, RunError, DistributedError, ValueError, IndexError, ImportError) as err:
         raise fail(str(err)) from err
     except OSError as err:
         where = f" {err.filename}" if err.filename else ""
@@ -170,6 +172,18 @@ def _check_options(config: RunConfig, given: dict) -> None:
     for flag in ("train_seconds", "eval_seconds"):
         if given.get(flag) is not None and config.scenario != "NNs":
             raise usage(f"--{flag.replace('_', '-')} only applies to scenario NNs")
+
+
+def _join(config: RunConfig):
+    """This process's place in a torchrun job (``supsup.distributed.World``; one process without torchrun).
+    Only rank 0 prints, except errors, which every rank prints with its rank."""
+    from supsup import distributed
+
+    global rank_label
+    world = distributed.init(config.device)
+    console.quiet = not world.writes
+    rank_label = "" if world.writes else f" (rank {world.rank})"
+    return world
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -243,7 +257,7 @@ def run(
 
     The run directory holds results.json, metrics.csv, accuracy_matrix.csv and, for SupSup, model.safetensors (a
     checkpoint after every task group, so an interrupted run can be resumed)."""
-    from supsup import kernels
+    from supsup import distributed, kernels
     from supsup.checks import check_run
     from supsup.experiment import run as run_experiment
     from supsup.rundir import RunDirectory, RunError
@@ -278,6 +292,8 @@ def run(
         _check_options(config, {**given, "inference": inference})
         out = out or Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     with _clear_errors():
+        world = _join(config)  # first: it makes this rank's GPU the current device
+        out = world.broadcast_object(out, "agreeing on the run directory")
         check_run(config)
         backend = kernels.describe(config.device)
     t = config.train
@@ -290,11 +306,13 @@ def run(
     try:
         with _clear_errors():
             results = run_experiment(config, out, data_root, _logs(), resume=resume is not None, force=force,
-                                     tensorboard=tensorboard, command=shlex.join(["supsup", *invocation]))
+                                     tensorboard=tensorboard, command=shlex.join(["supsup", *invocation]),
+                                     world=world)
     except KeyboardInterrupt as err:
         raise _interrupted(out, err) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        distributed.close(world)
     console.print(f"data: {results['data_source']}")
     print_results(results)
     console.print(f"saved the run in {out}/; figures: supsup report {out}")

@@ -20,6 +20,7 @@ from supsup import kernels, metrics
 from supsup.checkpoint import CheckpointError, load_checkpoint, load_into, read_metadata
 from supsup.config import RunConfig
 from supsup.data.streams import STREAMS, TaskStream
+from supsup.distributed import DistributedError, World
 from supsup.files import sha256_file, write_atomic, write_json
 from supsup.checks import check_device, check_run, why_not_resumable
 from supsup.loggers import Logs, RunLog, TensorBoardLog
@@ -79,9 +80,10 @@ def _summary(figures: dict) -> dict:
 class _Run:
     """One session of a run: the state that goes into the checkpoint, results.json and the CSV files."""
 
-    def __init__(self, config: RunConfig, directory: RunDirectory, stream: TaskStream, log: RunLog):
-        self.config, self.dir, self.stream, self.log = config, directory, stream, log
-        self.method = make_method(config, stream) if config.scenario != "NNs" else None
+    def __init__(self, config: RunConfig, directory: RunDirectory, stream: TaskStream, log: RunLog,
+                 world: World = World()):
+        self.config, self.dir, self.stream, self.log, self.world = config, directory, stream, log, world
+        self.method = make_method(config, stream, world) if config.scenario != "NNs" else None
         self.data = describe_data(config, stream)
         self.schedule: list[dict] = []  # averages at every evaluation
         self.matrix = metrics.AccuracyMatrix()
@@ -110,7 +112,12 @@ class _Run:
         return {"config": self.config.to_dict(), "data": self.data, "schedule": self.schedule,
                 "matrix": self.matrix.to_dict(), "progress": self.progress, "scalars": self.scalars,
                 "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds, "sessions": self.sessions,
-                "command": self.command, "transfer": self.transfer}
+                "command": self.command, "transfer": self.transfer, "trained_by": self._trained_by()}
+
+    def _trained_by(self, tasks: int | None = None) -> list[list[int]]:
+        """For each learned task (or the first ``tasks``), the ranks that trained it ([0] in one process;
+        none for the other methods and scenario NNs)."""
+        return list(getattr(self.method, "trained_by", []))[:tasks]
 
     def adopt(self, state: dict) -> None:
         self.schedule, self.sessions = list(state["schedule"]), state["sessions"] + 1
@@ -118,6 +125,8 @@ class _Run:
         self.progress, self.scalars = state["progress"], [tuple(s) for s in state["scalars"]]
         self.train_seconds, self.eval_seconds = state["train_seconds"], state["eval_seconds"]
         self.command = state.get("command")
+        if isinstance(self.method, SupSup):  # (checkpoints from before distribution: all by rank 0)
+            self.method.trained_by = state.get("trained_by") or [[0]] * self.method.num_tasks
 
     def results(self, status: str, **figures) -> dict:
         config = self.config
@@ -138,7 +147,8 @@ class _Run:
         return {**out, "schedule": self.schedule, "progress": self.progress,
                 "kernels": kernels.describe(config.device), "seconds": self.train_seconds + self.eval_seconds,
                 "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds, "sessions": self.sessions,
-                "environment": _environment(config)}
+                "environment": _environment(config),
+                "distributed": {**self.world.describe(), "trained_by": self._trained_by(self.saved_tasks)}}
 
     def save_transfer(self) -> dict | None:
         """SupSup Transfer: write the running score sums as ``transfer-N.safetensors``; returns what the
@@ -151,7 +161,17 @@ class _Run:
         return {"file": name, "sha256": write_atomic(self.dir.path / name, safetensors_save(tensors))}
 
     def save(self, status: str = "running", **figures) -> dict:
-        """Checkpoint (unless interrupted: then the last one stands), the CSV files, then results.json."""
+        """Checkpoint (unless interrupted: then the last one stands), the CSV files, then results.json, written
+        by rank 0 while the other ranks wait (not when interrupted: they may be gone)."""
+        if status == "interrupted":
+            return self._write(status, **figures) if self.world.writes else {}
+        written = self.world.on_writer(lambda: self._write(status, **figures), "writing the checkpoint")
+        if written is not None:
+            return written
+        self.saved_tasks = self.method.num_tasks if self.method is not None else self.config.tasks
+        return self.results(status, **figures)
+
+    def _write(self, status: str, **figures) -> dict:
         if status != "interrupted":
             if self.checkpointed() is not None:
                 self.transfer = self.save_transfer()
@@ -203,37 +223,37 @@ def _resume(directory: RunDirectory, config: RunConfig, session: _Run) -> None:
 
 
 def run(config: RunConfig, out_dir: str | Path, data_root=None, log: RunLog = RunLog(), *, resume: bool = False,
-        force: bool = False, tensorboard: bool = False, command: str | None = None) -> dict:
+        force: bool = False, tensorboard: bool = False, command: str | None = None, world: World = World()) -> dict:
     """Train and evaluate as configured into the run directory ``out_dir``; returns results.json's content.
 
     ``resume``: continue the run in ``out_dir`` (whose results.json must hold ``config``). Otherwise ``out_dir``
     must be empty or absent (``force``: its run files are removed first). ``tensorboard``: scalars also into
     ``out_dir/tensorboard``. ``command``: what started the run, for results.json (a resumed run keeps the first
     one). On ``KeyboardInterrupt`` (SIGINT, or SIGTERM turned into one by the CLI) what is
-    finished stays saved, results.json says ``interrupted``, and the interrupt propagates."""
+    finished stays saved, results.json says ``interrupted``, and the interrupt propagates.
+
+    ``world``: the ranks of a torchrun job (``supsup.distributed.init``): SupSup's task groups and evaluation
+    are dealt to them; rank 0 alone writes the run directory. A rank that fails or stops answering ends
+    the run on every rank with a ``RunError`` that says how to resume."""
     check_run(config)
+    if world.size > 1 and (config.scenario == "NNs" or config.method != "supsup" or config.transfer):
+        raise RunError(f"only SupSup (without transfer) runs on several processes, not "
+                       f"{'scenario NNs' if config.scenario == 'NNs' else config.preset or config.method}: "
+                       f"run it in one process")
     directory = RunDirectory(out_dir)
-    if resume:
-        if (why := why_not_resumable(config)) is not None:
-            raise RunError(f"{why}. Start it again with --force --out {directory.path}")
-        if directory.read_results()["status"] == "complete":
-            raise RunError(f"the run in {directory.path} is complete: nothing to resume (re-evaluate it with "
-                           f"`supsup eval {directory.path}`)")
-        directory.remove_temporaries()
-    else:
-        created = not directory.path.exists()
-        directory.prepare(force)
+    created = world.on_writer(lambda: _prepare(directory, config, resume, force), "preparing the run directory")
     torch.manual_seed(config.seed)
     kernels.retain_freed_memory()  # training re-allocates the same large tensors every step
     try:
-        stream = make_stream(config, data_root)
+        stream = world.writer_first(lambda: make_stream(config, data_root), "loading the data")
     except BaseException:
-        if not resume and created and not any(directory.path.iterdir()):
+        if created and not any(directory.path.iterdir()):
             directory.path.rmdir()  # leave no empty run directory behind when the data cannot be read
         raise
+    tensorboard = tensorboard and world.writes
     logs = Logs(log, TensorBoardLog(directory.path / TENSORBOARD) if tensorboard else None)
     try:
-        session = _Run(config, directory, stream, logs)
+        session = _Run(config, directory, stream, logs, world)
         session.command = command
         if resume:
             _resume(directory, config, session)
@@ -242,8 +262,28 @@ def run(config: RunConfig, out_dir: str | Path, data_root=None, log: RunLog = Ru
         except KeyboardInterrupt:
             session.save("interrupted")
             raise
+        except DistributedError as err:
+            session.save("interrupted")
+            raise RunError(f"{err}; {tasks_saved(directory.path)} of {config.tasks} tasks are saved in "
+                           f"{directory.path}; resume with: supsup run --resume {directory.path} (under torchrun, "
+                           f"any number of processes)") from err
     finally:
         logs.close()
+
+
+def _prepare(directory: RunDirectory, config: RunConfig, resume: bool, force: bool) -> bool:
+    """Check (resume) or prepare the run directory; whether it was created now."""
+    if resume:
+        if (why := why_not_resumable(config)) is not None:
+            raise RunError(f"{why}. Start it again with --force --out {directory.path}")
+        if directory.read_results()["status"] == "complete":
+            raise RunError(f"the run in {directory.path} is complete: nothing to resume (re-evaluate it with "
+                           f"`supsup eval {directory.path}`)")
+        directory.remove_temporaries()
+        return False
+    created = not directory.path.exists()
+    directory.prepare(force)
+    return created
 
 
 def _evaluate(session: _Run) -> dict:
@@ -286,7 +326,7 @@ def _run_tasks(session: _Run) -> dict:
             log.stage(f"training {config.tasks} tasks", total)
             log.advance(method.num_tasks * config.train.batches_per_task)
             staged = True
-        loss_sum, batches = torch.zeros(()), 0
+        loss_sum, batches, n_before = torch.zeros(()), 0, method.num_tasks
 
         def on_batch(steps: int, loss: torch.Tensor) -> None:
             nonlocal loss_sum, batches
@@ -294,7 +334,9 @@ def _run_tasks(session: _Run) -> dict:
             log.advance(steps, loss / steps)
 
         tick = time.perf_counter()
-        new = method.train_group(on_batch)
+        # several ranks: a round stops at the group after which one process would evaluate next
+        until = max(schedule[0], n_before + 1) if schedule else None
+        new = method.train_group(on_batch, until=until) if session.world.size > 1 else method.train_group(on_batch)
         seconds = time.perf_counter() - tick
         session.train_seconds += seconds
         n, loss = method.num_tasks, float(loss_sum) / max(batches, 1)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from supsup.bank import ShardedMaskBank
 from supsup.layers import Superposition
 from supsup.model import SupermaskModel
 
@@ -51,14 +52,18 @@ def objective_values(logits: torch.Tensor, objective: str, num_classes: int) -> 
 def alpha_gradient(model: SupermaskModel, x: torch.Tensor, alpha: torch.Tensor, objective: str = "entropy",
                    uniform: bool = False) -> torch.Tensor:
     """∂objective/∂α at ``alpha``. ``alpha [k]``: objective averaged over the batch -> ``[k]``;
-    ``alpha [B, k]``: each sample's own objective -> ``[B, k]``."""
+    ``alpha [B, k]``: each sample's own objective -> ``[B, k]``.
+
+    With sharded mask banks (every rank calls this with the same inputs) each rank's autograd pass gives
+    its own tasks' entries, and one all-gather completes them: the same gradient on every rank."""
     alpha = alpha.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x, Superposition(alpha, uniform=uniform))
         values = objective_values(logits, objective, model.num_classes or 10)
         total = values.sum() if alpha.dim() == 2 else values.mean()
         (grad,) = torch.autograd.grad(total, alpha)
-    return grad
+    bank = model.mask_layers()[0].bank if isinstance(model, SupermaskModel) else None  # (ABatchE: a baseline)
+    return bank.gather(grad) if isinstance(bank, ShardedMaskBank) else grad
 
 
 @dataclass

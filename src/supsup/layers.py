@@ -138,16 +138,19 @@ class SupermaskLayer(nn.Module):
         return masked_weight(self.scores, self.weight, keep, self.rule)
 
     @torch.no_grad()
+    def final_masks(self) -> torch.Tensor:
+        """``[K, *shape] bool``: the masks the tasks being trained would be frozen with now."""
+        if self.rule == "threshold":
+            return self.scores >= 0
+        return topk_keep_many([self.scores], [self.density])[0]
+
+    @torch.no_grad()
     def end_tasks(self) -> None:
         """Freeze the trained masks into the bank (1 bit per weight) and drop the float scores."""
         if self.scores is None:
             return
-        if self.rule == "threshold":
-            masks = self.scores >= 0
-        else:
-            masks = topk_keep_many([self.scores], [self.density])[0]
         learned = self.bank.num_tasks
-        for task, mask in zip(self.training_tasks, masks):
+        for task, mask in zip(self.training_tasks, self.final_masks()):
             if task < learned:
                 self.bank.replace(task, mask)
             elif task == self.bank.num_tasks:

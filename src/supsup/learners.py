@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -126,25 +127,51 @@ def train_task_group(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig
     if count < 1:
         raise ValueError(f"the stream has {stream.num_tasks} tasks and all are learned")
     ids = model.begin_tasks(count, None if init_scores is None else init_scores(count))
-    graphed = cfg.cuda_graph and model.mask_layers()[0].weight.is_cuda
-    optimizer = make_optimizer(model.score_parameters(), cfg, capturable=graphed)
-    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.batches_per_task)
-                if cfg.cosine else None)
-    model.train()
-    route = ids if count > 1 else ids[0]
-    # Sum of per-task mean losses: each task's scores get exactly its own gradient.
-    step = TrainingStep(lambda x, y: F.cross_entropy(model(x, route), y, reduction="sum") / cfg.batch_size,
-                        optimizer, cuda_graph=graphed)
-    iterators = [stream.train_batches(t, cfg.batch_size, cfg.batches_per_task) for t in ids]
-    for _ in range(cfg.batches_per_task):
-        batches = [next(it) for it in iterators]
-        loss = step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-        if schedule is not None:
-            schedule.step()
-        if on_batch is not None:
-            on_batch(count, loss)
+    fit_task_group(model, stream, cfg, on_batch)
     if before_freeze is not None:
         before_freeze(model)
     model.end_tasks()
     model.eval()
     return ids
+
+
+class Replica(Protocol):
+    """This process's part of a group of processes that train the same tasks (data parallelism)."""
+
+    size: int  # processes in the group
+
+    def share(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a whole batch ``[B, ...]`` -> ``[B / size, ...]``."""
+
+    def wrap(self, model: SupermaskModel) -> Callable[..., torch.Tensor]:
+        """The forward to train with: ``model``'s, averaging the scores' gradients over the group."""
+
+
+def fit_task_group(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig,
+                   on_batch: Callable[[int, torch.Tensor], None] | None = None,
+                   replica: Replica | None = None) -> None:
+    """Train the tasks being trained (begun with ``model.begin_tasks``; stream task t for model task t) for
+    ``cfg.batches_per_task`` batches each, in one grouped computation. ``on_batch(K, loss)`` after every step.
+
+    ``replica``: this process computes the loss on its share of every batch (the mean over its rows), and
+    the replica's forward averages the gradients, so the step is the one of the whole batch."""
+    ids = model.training_tasks
+    graphed = cfg.cuda_graph and model.mask_layers()[0].weight.is_cuda and replica is None
+    optimizer = make_optimizer(model.score_parameters(), cfg, capturable=graphed)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.batches_per_task)
+                if cfg.cosine else None)
+    model.train()
+    route = ids if len(ids) > 1 else ids[0]
+    forward, share = (model, lambda t: t) if replica is None else (replica.wrap(model), replica.share)
+    rows = cfg.batch_size // (1 if replica is None else replica.size)
+    # Sum of per-task mean losses: each task's scores get exactly its own gradient.
+    step = TrainingStep(lambda x, y: F.cross_entropy(forward(x, route), y, reduction="sum") / rows,
+                        optimizer, cuda_graph=graphed)
+    iterators = [stream.train_batches(t, cfg.batch_size, cfg.batches_per_task) for t in ids]
+    for _ in range(cfg.batches_per_task):
+        batches = [next(it) for it in iterators]
+        loss = step(torch.cat([share(b[0]) for b in batches]), torch.cat([share(b[1]) for b in batches]))
+        if schedule is not None:
+            schedule.step()
+        if on_batch is not None:
+            on_batch(len(ids), loss)

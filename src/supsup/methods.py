@@ -19,6 +19,7 @@ from supsup.baselines import MultiHead, TaskConditioned, UpperBound
 from supsup.config import BENCHMARKS, RunConfig
 from supsup.data.streams import TaskStream
 from supsup.density import er_density
+from supsup.distributed import World, evaluate as evaluate_dealt, train_round
 from supsup.evaluation import evaluate, evaluate_mixed
 from supsup.learners import train_task_group
 from supsup.model import SupermaskModel
@@ -62,24 +63,36 @@ def _averages(rows: list[dict]) -> dict:
 
 
 class SupSup:
-    """Supermasks on a frozen random network; with ``config.transfer``, SupSup Transfer."""
+    """Supermasks on a frozen random network; with ``config.transfer``, SupSup Transfer.
+
+    With a ``world`` of several ranks (``supsup.distributed``), each round of groups is dealt to the ranks
+    and evaluation too; ``trained_by`` holds, per learned task, the ranks that trained it."""
 
     resumable = True
 
-    def __init__(self, config: RunConfig, stream: TaskStream):
-        self.config, self.stream = config, stream
+    def __init__(self, config: RunConfig, stream: TaskStream, world: World = World()):
+        self.config, self.stream, self.world = config, stream, world
         self.model = make_model(config, stream.num_classes)
         self.name = "SupSup Transfer" if config.transfer else "SupSup"
         self.running = RunningMeanScores() if config.transfer else None
+        self.trained_by: list[list[int]] = []
 
     @property
     def num_tasks(self) -> int:
         return self.model.num_tasks
 
-    def train_group(self, on_batch: OnBatch) -> list[int]:
+    def train_group(self, on_batch: OnBatch, until: int | None = None) -> list[int]:
+        """Learn the next group of tasks (several ranks: the next round of groups, none starting at or after
+        task ``until``); returns the new task ids."""
+        first = self.model.num_tasks
+        if self.world.size > 1:
+            self.trained_by += train_round(self.model, self.stream, self.config.train, self.world, on_batch, until)
+            return list(range(first, self.model.num_tasks))
         hooks = {"init_scores": self.running.init_scores, "before_freeze": self.running.observe} if self.running \
             else {}
-        return train_task_group(self.model, self.stream, self.config.train, on_batch, **hooks)
+        new = train_task_group(self.model, self.stream, self.config.train, on_batch, **hooks)
+        self.trained_by += [[0]] * len(new)
+        return new
 
     def evaluate(self, on_task: Callable[[int], None], on_sample: Callable[[int], None] | None = None,
                  tasks: list[int] | None = None) -> dict:
@@ -89,8 +102,8 @@ class SupSup:
         # With per-sample granularity and a subsampled mixed stream (``mixed_per_task``), per task only the
         # task-given accuracy; otherwise every sample is inferred within its own task's test set.
         mixed_only = how.granularity == "sample" and config.mixed_per_task is not None
-        evaluation = evaluate(self.model, self.stream, "GG" if mixed_only else config.scenario, how, tasks=tasks,
-                              seed=config.seed, on_task=lambda r: on_task(1))
+        evaluation = evaluate_dealt(self.world, self.model, self.stream, "GG" if mixed_only else config.scenario, how,
+                                    tasks=tasks, seed=config.seed, on_task=lambda r: on_task(self.world.size))
         rows = [r.as_dict() for r in evaluation.tasks]
         out = {"tasks": rows, **_averages(rows)}
         if how.granularity == "sample" and config.scenario != "GG" and tasks is None:
@@ -163,10 +176,10 @@ class Baseline:
                 "seed": self.config.seed}
 
 
-def make_method(config: RunConfig, stream: TaskStream):
-    """The learner of ``config.method``."""
+def make_method(config: RunConfig, stream: TaskStream, world: World = World()):
+    """The learner of ``config.method`` (only SupSup runs on several ranks of ``world``)."""
     if config.method == "supsup":
-        return SupSup(config, stream)
+        return SupSup(config, stream, world)
     if config.method == "hopsupsup":
         return HopSupSupRun(config, stream)
     return Baseline(config, stream)

@@ -89,12 +89,19 @@ class SupermaskModel(nn.Module):
         return sum(layer.weight.numel() for layer in self.mask_layers())
 
     # --------------------------------------------------------------- task life
-    def begin_tasks(self, count: int = 1, init_scores: list[torch.Tensor] | None = None) -> list[int]:
+    def begin_tasks(self, count: int = 1, init_scores: list[torch.Tensor] | None = None,
+                    first: int | None = None) -> list[int]:
         """Start training ``count`` new tasks; returns their ids. Scores are seeded per (layer, task),
-        so training K tasks together starts from the same scores as training them one by one."""
+        so training K tasks together starts from the same scores as training them one by one.
+
+        ``first``: id of the first task (default: the next one). Tasks past the next one can be trained (a
+        rank's share of a distributed round), and frozen once the tasks before them are learned."""
         if self.training_tasks:
             raise RuntimeError(f"tasks {self.training_tasks} are still being trained: call end_tasks first")
-        ids = list(range(self.num_tasks, self.num_tasks + count))
+        first = self.num_tasks if first is None else first
+        if first < self.num_tasks:
+            raise ValueError(f"task {first} is learned already: new tasks start at {self.num_tasks}")
+        ids = list(range(first, first + count))
         for i, layer in enumerate(self.mask_layers()):
             layer.begin_tasks(ids, None if init_scores is None else init_scores[i])
         for norm in self.norm_layers():

@@ -192,14 +192,6 @@ def chunk_rows(num_bits: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(num_bits, 1))
 
 
-def iter_unpacked(packed: torch.Tensor, num_bits: int, dtype: torch.dtype = torch.float32,
-                  weight: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(first_row, [c, P] dtype)`` over ``packed`` in bounded-memory chunks (× ``weight`` if given)."""
-    step = chunk_rows(num_bits)
-    for start in range(0, num_masks(packed), step):
-        yield start, unpack(tasks(packed, slice(start, start + step)), num_bits, weight, dtype)
-
-
 def _torch_unpack(packed, num_bits, weight, dtype):
     bits = unpack_bits(_as_rows(packed, num_bits), num_bits, dtype)
     return bits if weight is None else bits * weight.reshape(-1).to(dtype)
