@@ -39,7 +39,8 @@ class TrainConfig:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, capturable: bool = False) -> torch.optim.Optimizer:
-    """A fresh optimiser over the scores of the task(s) being trained (elementwise, so per task).
+    """A fresh optimiser over the scores (and per-task vectors) of the task(s) being trained (elementwise, so
+    per task).
 
     ``capturable``: state and learning rate live on the parameters' device (a tensor lr, which schedulers
     update in place), as a CUDA-graphed step needs."""
@@ -127,7 +128,7 @@ def train_task_group(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig
         raise ValueError(f"the stream has {stream.num_tasks} tasks and all are learned")
     ids = model.begin_tasks(count, None if init_scores is None else init_scores(count))
     graphed = cfg.cuda_graph and model.mask_layers()[0].weight.is_cuda
-    optimizer = make_optimizer(model.score_parameters(), cfg, capturable=graphed)
+    optimizer = make_optimizer(model.trainable_parameters(), cfg, capturable=graphed)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.batches_per_task)
                 if cfg.cosine else None)
     model.train()
