@@ -240,6 +240,12 @@ def test_kept_weights_with_an_all_ones_mask_reproduce_the_pretrained_network():
                               rule="topk", density=1.0)
     per_task.begin_tasks(1)  # per-task vectors start from the kept ones
     assert torch.allclose(per_task.eval()(x, 0), expected, atol=1e-6)
+    threshold = SupermaskModel(copy.deepcopy(dense), seed=0, weights="keep", bias="frozen")
+    threshold.begin_tasks(1)  # over kept weights, threshold scores start positive: the pretrained network
+    assert torch.allclose(threshold.eval()(x, 0), expected, atol=1e-6)
+    seeded = SupermaskModel(copy.deepcopy(dense), seed=0, bias="frozen")
+    seeded.begin_tasks(1)
+    assert 0.3 < float(torch.cat([(s >= 0).flatten() for s in seeded.score_parameters()]).float().mean()) < 0.7
 
 
 def test_kept_weights_are_fingerprinted_and_a_mismatch_names_the_layer(tmp_path):

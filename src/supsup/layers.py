@@ -116,14 +116,16 @@ class SupermaskLayer(nn.Module):
         return self.bank.num_tasks
 
     def begin_tasks(self, task_ids: list[int], init_scores: torch.Tensor | None = None) -> None:
-        """Create trainable scores ``[K, *shape]`` (Kaiming-uniform, seeded per task, unless given).
+        """Create trainable scores ``[K, *shape]`` (Kaiming-uniform, seeded per task, unless given). Over kept
+        weights with the threshold rule they start positive (their magnitudes): every weight kept, so a task
+        starts from the given network, as in Piggyback.
 
         Ids at or past the bank's end are new tasks; a learned id is retrained and replaced on ``end_tasks``."""
         bound = 1.0 / math.sqrt(self.fan_in)
         if init_scores is None:
             rows = [torch.empty(self.weight.shape).uniform_(-bound, bound, generator=generator(self.seed, "scores", t))
                     for t in task_ids]
-            init_scores = torch.stack(rows)
+            init_scores = torch.stack(rows).abs() if self.kept and self.rule == "threshold" else torch.stack(rows)
         self.scores = nn.Parameter(init_scores.to(self.weight.device, torch.float32).clone())
         self._set_training(list(task_ids))
 
