@@ -306,3 +306,34 @@ def test_a_transformer_that_is_not_batch_first_works_with_a_task_id():
     learn_task(model, "transformer", 0, steps=2)
     x, kw = data("transformer", 4, 5)
     assert model.eval()(x, 0, **kw).shape == (4, 3)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masks", ["none", "padding", "bool-attn", "float-attn", "causal", "both"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_supermask_attention_over_kept_weights_matches_torch(batch_first, masks, need_weights):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+    attention, _ = convert_to_supermask(copy.deepcopy(mha), seed=0, weights="keep", bias="frozen", rule="topk",
+                                        density=1.0)
+    attention.in_proj.begin_tasks([0])
+    attention.out_proj.begin_tasks([0])
+    attention.in_proj.route = attention.out_proj.route = 0
+    x = torch.randn(3, 5, 8) if batch_first else torch.randn(5, 3, 8)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[1, 3:] = padding[2, 4:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    kwargs = {"none": {}, "padding": {"key_padding_mask": padding},
+              "bool-attn": {"attn_mask": torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) < 0.3},
+              "float-attn": {"attn_mask": torch.randn(5, 5)},
+              "causal": {"attn_mask": causal, "is_causal": True},
+              "both": {"attn_mask": causal.isinf(), "key_padding_mask": padding}}[masks]
+    if masks == "bool-attn":
+        kwargs["attn_mask"].fill_diagonal_(False)  # every query attends to something
+    expected, expected_weights = mha(x, x, x, need_weights=need_weights, **kwargs)
+    with torch.no_grad():
+        out, weights = attention(x, x, x, need_weights=need_weights, **kwargs)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert (weights is None) == (expected_weights is None)
+    if need_weights:
+        assert torch.allclose(weights, expected_weights, atol=1e-5)
