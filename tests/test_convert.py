@@ -117,7 +117,7 @@ def through_torch_save(state: dict) -> dict:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_layer_type_learns_freezes_round_trips_and_answers_every_route(case):
+def test_each_layer_type_learns_freezes_round_trips_and_answers_every_route(case, monkeypatch):
     model = make(case)
     only = {n for n, p in model.named_parameters() if p.requires_grad}
     assert only == set()  # before begin_tasks nothing at all is trainable
@@ -147,10 +147,19 @@ def test_each_layer_type_learns_freezes_round_trips_and_answers_every_route(case
     assert torch.allclose(model(x, Superposition(torch.tensor([0.0, 1.0])), **kw), y1, atol=1e-5)
     one_hot = F.one_hot(ids, 2).float()
     assert torch.allclose(model(x, Superposition(one_hot), **kw), expected, atol=1e-5)
-    alpha = torch.full((6, 2), 0.5, requires_grad=True)  # task inference: a gradient reaches alpha
-    logits = model(x, Superposition(alpha), **kw)
-    (-(logits.softmax(-1) * logits.log_softmax(-1)).sum()).backward()
-    assert alpha.grad is not None and alpha.grad.abs().sum() > 0
+
+    def entropy_gradient():  # task inference: ∂H/∂α at α = 1/2 per sample
+        alpha = torch.tensor([[0.5, 0.5], [0.3, 0.7]]).repeat(3, 1).requires_grad_(True)
+        logits = model(x, Superposition(alpha), **kw)
+        (-(logits.softmax(-1) * logits.log_softmax(-1)).sum()).backward()
+        return alpha.grad
+
+    direct = entropy_gradient()
+    assert direct.abs().sum() > 0
+    with monkeypatch.context() as patch:  # the per-sample path for large layers: one task's masks at a time
+        patch.setattr("supsup.layers.PER_SAMPLE_WEIGHT_BUDGET", 0)
+        assert torch.allclose(model(x, Superposition(one_hot), **kw), expected, atol=1e-5)
+        assert torch.allclose(entropy_gradient(), direct, atol=1e-4)
 
     # K stacked tasks in training equal the same tasks one at a time
     model.begin_tasks(2)

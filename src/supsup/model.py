@@ -68,9 +68,9 @@ class SupermaskModel(nn.Module):
                                    f"{norm.running_mean.shape[0]} tasks, the masks for {needed}")
         for name, rows in self.named_modules():
             if isinstance(rows, PerTaskTensor) and (rows.learned.shape[0] != self.num_tasks or
-                                                    rows.training_ids.tolist() != self.training_tasks):
+                                                    rows.training_tasks != self.training_tasks):
                 raise RuntimeError(f"inconsistent state: {name} holds {rows.learned.shape[0]} learned tasks and "
-                                   f"tasks in training {rows.training_ids.tolist()}, the masks {self.num_tasks} and "
+                                   f"tasks in training {rows.training_tasks}, the masks {self.num_tasks} and "
                                    f"{self.training_tasks}")
 
     # ------------------------------------------------------------------ parts

@@ -23,6 +23,7 @@ class PerTaskTensor(nn.Module):
         self.register_buffer("init", init.detach().clone().float(), persistent=False)
         self.register_buffer("learned", torch.zeros(0, *self.shape))
         self.register_buffer("training_ids", torch.zeros(0, dtype=torch.int64))
+        self.training_tasks: list[int] = []  # training_ids as a list: read per forward without a device sync
         self.trained: nn.Parameter | None = None
         self.route: Route = None
 
@@ -39,13 +40,14 @@ class PerTaskTensor(nn.Module):
         rows = [self.learned[t] if t < self.learned.shape[0] else self.init for t in task_ids]
         self.trained = nn.Parameter(torch.stack(rows).clone())
         self.training_ids = torch.tensor(task_ids, dtype=torch.int64, device=self.learned.device)
+        self.training_tasks = list(task_ids)
 
     @torch.no_grad()
     def end_tasks(self) -> None:
         """Freeze the trained rows into ``learned`` (replacing a retrained task's row)."""
         if self.trained is None:
             return
-        for task, row in zip(self.training_ids.tolist(), self.trained.detach()):
+        for task, row in zip(self.training_tasks, self.trained.detach()):
             if task < self.learned.shape[0]:
                 self.learned[task] = row
             elif task == self.learned.shape[0]:
@@ -54,6 +56,7 @@ class PerTaskTensor(nn.Module):
                 raise RuntimeError(f"task {task} cannot be added after {self.learned.shape[0]} learned tasks")
         self.trained = None
         self.training_ids = self.training_ids.new_zeros(0)
+        self.training_tasks = []
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -67,10 +70,11 @@ class PerTaskTensor(nn.Module):
         self.trained = None if trained is None else nn.Parameter(torch.empty(trained.shape, device=self.init.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self.training_tasks = self.training_ids.tolist()
 
     # ---------------------------------------------------------------- values
     def _row(self, task: int) -> torch.Tensor:
-        ids = self.training_ids.tolist()
+        ids = self.training_tasks
         if task in ids:
             return self.trained[ids.index(task)]
         if not 0 <= task < self.learned.shape[0]:

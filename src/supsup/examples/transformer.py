@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from supsup import Inference, SupermaskModel
+from supsup.convert import BIASES
 from supsup.data.idx import ImageDataset
 from supsup.evaluation import evaluate_task
 from supsup.examples import example_arguments, permuted_mnist
@@ -57,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = example_arguments(__doc__, tasks=4, out="runs/transformer-example", test_samples=2000)
     parser.add_argument("--width", type=int, default=64, help="model width (default 64)")
     parser.add_argument("--lr", type=float, default=0.01, help="Adam's learning rate on the scores (default 0.01)")
+    parser.add_argument("--bias", choices=BIASES, default="per-task", help="bias policy (default per-task)")
+    parser.add_argument("--norm-affine", choices=("per-task", "none"), default="per-task",
+                        help="LayerNorm affine: per task, or none (default per-task)")
     parser.set_defaults(batches=300)
     args = parser.parse_args(argv)
     stream = permuted_mnist(args)
     stream.data = limit_test(stream.data, args.test_samples)
     torch.manual_seed(0)
-    model = SupermaskModel(RowTransformer(args.width), seed=1, bias="per-task", norm_affine="per-task",
-                           num_classes=10)
+    model = SupermaskModel(RowTransformer(args.width), seed=1, bias=args.bias,
+                           norm_affine=args.norm_affine if args.norm_affine == "per-task" else False, num_classes=10)
     print(model.conversion.table())
     print(f"\n{args.tasks} PermutedMNIST tasks as 28 row tokens, {args.batches} batches of 128 per task, "
           f"Adam {args.lr}; test: {args.test_samples or 'all'} samples per task; {model.bytes_per_task():,} bytes "
