@@ -117,7 +117,7 @@ def through_torch_save(state: dict) -> dict:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_layer_type_learns_freezes_round_trips_and_answers_every_route(case, monkeypatch):
+def test_each_layer_type_learns_freezes_round_trips_and_answers_every_route(case, monkeypatch, tmp_path):
     model = make(case)
     only = {n for n, p in model.named_parameters() if p.requires_grad}
     assert only == set()  # before begin_tasks nothing at all is trainable
@@ -174,8 +174,10 @@ def test_each_layer_type_learns_freezes_round_trips_and_answers_every_route(case
     fresh = make(case)
     fresh.load_state_dict(through_torch_save(model.state_dict()))
     fresh.eval()
+    from_file = load_into(make(case), save_checkpoint(model, tmp_path / "model.safetensors")).eval()
     for t in range(4):
         assert torch.equal(fresh(x, t, **kw), model(x, t, **kw))
+        assert torch.equal(from_file(x, t, **kw), model(x, t, **kw))
 
 
 def test_per_task_biases_and_affines_never_leak_between_tasks():
@@ -204,8 +206,14 @@ def test_strict_mode_names_each_unknown_trainable_module():
     def net():
         return nn.Sequential(nn.Linear(4, 4), nn.PReLU(), Scale(), nn.Linear(4, 2))
 
+    refused = net()
+    before = copy.deepcopy(refused.state_dict())
     with pytest.raises(ValueError, match=r"(?s)1 \(PReLU, 1 trainable.*2 \(Scale, 4 trainable.*leave="):
-        convert_to_supermask(net(), seed=0)
+        convert_to_supermask(refused, seed=0)
+    assert isinstance(refused[0], nn.Linear) and refused[0].weight.requires_grad  # found before anything changed
+    assert all(torch.equal(v, refused.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"0 \(MultiheadAttention: .*add_bias_kv"):
+        convert_to_supermask(nn.Sequential(nn.MultiheadAttention(4, 2, add_bias_kv=True)), seed=0)
     converted, report = convert_to_supermask(net(), seed=0, leave=[nn.PReLU, "2"])
     assert [r.action for r in report] == ["converted", "frozen", "frozen", "converted"]
     assert not any(p.requires_grad for p in converted.parameters())

@@ -1,7 +1,8 @@
 """Turn an ordinary ``nn.Module`` into a supermask network, and say exactly what was done to each module.
 
 Conversion is in place: the children of ``module`` are replaced (a bare layer passed as ``module`` is returned
-converted, the original untouched). What becomes of each module:
+converted, the original untouched); kept weights are copied, not shared. Everything that would be refused is
+found before anything changes. What becomes of each module:
 
 - ``nn.Linear``, ``nn.Conv1d/2d/3d`` (any padding), ``nn.Embedding``, ``nn.MultiheadAttention``: supermask
   layers of the same shape ("converted"). ``weights="seed"``: the base weight is the paper's signed constant
@@ -120,10 +121,14 @@ def convert_to_supermask(module: nn.Module, *, seed: int, rule: str = "threshold
     if norm_affine not in NORM_AFFINES:
         raise ValueError(f"norm_affine must be one of {NORM_AFFINES}, got {norm_affine!r}")
     leave = tuple(leave)
+    problems = _problems(module, leave, strict)
+    if problems:  # found before anything is changed
+        raise ValueError("convert_to_supermask cannot convert these modules:\n  " + "\n  ".join(problems) +
+                         "\npass their types or names in leave= to keep them frozen (strict=False freezes every "
+                         "unknown module with trainable parameters)")
     keep = weights == "keep"
     counter = iter(range(1 << 30))
     report = ConversionReport()
-    unknown: list[str] = []
 
     def layer_bias(layer: SupermaskLayer, original: torch.Tensor | None, out: int, what: str) -> tuple[int, str]:
         """Apply the bias policy to ``layer``; returns (per-task floats, note)."""
@@ -160,8 +165,6 @@ def convert_to_supermask(module: nn.Module, *, seed: int, rule: str = "threshold
             floats, note = layer_bias(new, child.bias, child.out_channels, "")
             return new, "converted", floats, note
         if isinstance(child, nn.Embedding):
-            if child.max_norm is not None or child.sparse:
-                raise ValueError(f"{qualified}: nn.Embedding with max_norm or sparse=True is not supported")
             new = SupermaskEmbedding(child.num_embeddings, child.embedding_dim, child.padding_idx,
                                      weight=child.weight if keep else None, **common)
             return new, "converted", 0, ""
@@ -170,9 +173,6 @@ def convert_to_supermask(module: nn.Module, *, seed: int, rule: str = "threshold
         return None
 
     def attention(child: nn.MultiheadAttention, qualified: str, index: int, common: dict):
-        if not child._qkv_same_embed_dim or child.bias_k is not None or child.add_zero_attn:
-            raise ValueError(f"{qualified}: nn.MultiheadAttention with kdim/vdim other than embed_dim, add_bias_kv "
-                             f"or add_zero_attn is not supported; pass it in leave= to keep it frozen")
         e = child.embed_dim
         in_proj = SupermaskLinear(e, 3 * e, weight=child.in_proj_weight if keep else None,
                                   **{**common, "seed": derive_seed(seed, "layer", index, "in_proj")})
@@ -234,14 +234,9 @@ def convert_to_supermask(module: nn.Module, *, seed: int, rule: str = "threshold
             new, action, floats, note = done
             report.append(ConversionRow(qualified, type(child).__name__, action, params, 4 * floats, note))
             return new
-        own = [p for p in child.parameters(recurse=False) if p.requires_grad]
-        if own:
-            if strict:
-                unknown.append(f"{qualified or '(root)'} ({type(child).__name__}, "
-                               f"{sum(p.numel() for p in own):,} trainable parameters)")
-            else:
-                freeze(child, qualified, "unknown type, frozen (strict=False)")
-            return None if strict else child
+        if any(p.requires_grad for p in child.parameters(recurse=False)):  # unknown; strict=False (else refused)
+            freeze(child, qualified, "unknown type, frozen (strict=False)")
+            return child
         if isinstance(child, nn.TransformerEncoder):
             child.use_nested_tensor = False  # its nested-tensor fast path reads dense attention weights
             report.append(ConversionRow(qualified, type(child).__name__, "left alone", 0, 0, "nested fast path off"))
@@ -259,28 +254,55 @@ def convert_to_supermask(module: nn.Module, *, seed: int, rule: str = "threshold
             elif new is not child:
                 setattr(parent, name, new)
 
-    root = visit(module, "", next(counter)) if _is_layer(module) else None
-    if root is None:
+    if _is_layer(module):
+        root = visit(module, "", next(counter))
+    else:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own and not _matches(leave, "", module):
-            if strict:
-                unknown.append(f"(root) ({type(module).__name__}, {sum(p.numel() for p in own):,} trainable "
-                               f"parameters)")
-            else:
-                for p in own:
-                    p.requires_grad_(False)
-                report.append(ConversionRow("", type(module).__name__, "frozen", sum(p.numel() for p in own), 0,
-                                            "own parameters, unknown: frozen (strict=False)"))
+        if own:  # the root's own parameters: left (leave=) or unknown with strict=False
+            for p in own:
+                p.requires_grad_(False)
+            report.append(ConversionRow("", type(module).__name__, "frozen", sum(p.numel() for p in own), 0,
+                                        "own parameters frozen"))
         replace(module, "")
         root = module
-    if unknown:
-        raise ValueError("convert_to_supermask does not know how to mask these modules with trainable parameters:\n  "
-                         + "\n  ".join(unknown) + "\npass their types or names in leave= to keep them frozen "
-                         "(or strict=False to freeze every unknown module)")
     trainable = [name for name, p in root.named_parameters() if p.requires_grad]
     if trainable:  # a guarantee, checked: nothing outside the scores and per-task vectors ever trains
         raise RuntimeError(f"conversion left trainable parameters: {trainable[:10]}")
     return root, report
+
+
+def _unsupported(module: nn.Module) -> str | None:
+    """Why a module of a converted type cannot be converted, or None."""
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+        return "nn.Embedding with max_norm or sparse=True is not supported"
+    if isinstance(module, nn.MultiheadAttention) and (not module._qkv_same_embed_dim or module.bias_k is not None
+                                                      or module.add_zero_attn):
+        return "nn.MultiheadAttention with kdim/vdim other than embed_dim, add_bias_kv or add_zero_attn is not supported"
+    return None
+
+
+def _problems(module: nn.Module, leave: tuple, strict: bool) -> list[str]:
+    """Each module conversion would refuse, as "name (type, why)": unsupported variants of converted types, and
+    with ``strict`` every unknown module holding trainable parameters of its own."""
+    problems = []
+
+    def walk(m: nn.Module, name: str) -> None:
+        if name and _matches(leave, name, m):
+            return
+        label = f"{name or '(root)'} ({type(m).__name__}"
+        if _is_layer(m):
+            why = _unsupported(m)
+            if why:
+                problems.append(f"{label}: {why})")
+            return
+        own = sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
+        if own and strict and not _matches(leave, name, m):
+            problems.append(f"{label}, {own:,} trainable parameters)")
+        for child_name, child in m.named_children():
+            walk(child, f"{name}.{child_name}" if name else child_name)
+
+    walk(module, "")
+    return problems
 
 
 def _is_layer(module: nn.Module) -> bool:

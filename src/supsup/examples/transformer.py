@@ -22,6 +22,7 @@ from torch import nn
 
 from supsup import Inference, SupermaskModel
 from supsup.convert import BIASES
+from supsup.inference import OBJECTIVES
 from supsup.data.idx import ImageDataset
 from supsup.evaluation import evaluate_task
 from supsup.examples import example_arguments, permuted_mnist
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = example_arguments(__doc__, tasks=4, out="runs/transformer-example", test_samples=2000)
     parser.add_argument("--width", type=int, default=64, help="model width (default 64)")
     parser.add_argument("--lr", type=float, default=0.01, help="Adam's learning rate on the scores (default 0.01)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="entropy",
+                        help="One-Shot's objective: entropy, or g over superfluous outputs (default entropy)")
+    parser.add_argument("--outputs", type=int, default=10,
+                        help="outputs of the head; above 10 the rest are superfluous neurons for g (default 10)")
     parser.add_argument("--bias", choices=BIASES, default="per-task", help="bias policy (default per-task)")
     parser.add_argument("--norm-affine", choices=("per-task", "none"), default="per-task",
                         help="LayerNorm affine: per task, or none (default per-task)")
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     stream = permuted_mnist(args)
     stream.data = limit_test(stream.data, args.test_samples)
     torch.manual_seed(0)
-    model = SupermaskModel(RowTransformer(args.width), seed=1, bias=args.bias,
+    model = SupermaskModel(RowTransformer(args.width, classes=args.outputs), seed=1, bias=args.bias,
                            norm_affine=args.norm_affine if args.norm_affine == "per-task" else False, num_classes=10)
     print(model.conversion.table())
     print(f"\n{args.tasks} PermutedMNIST tasks as 28 row tokens, {args.batches} batches of 128 per task, "
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.tasks):
         train_task_group(model, stream, cfg)
     trained = time.perf_counter() - start
-    per_batch, per_image = Inference(granularity="batch"), Inference(granularity="sample")
+    per_batch = Inference(objective=args.objective, granularity="batch")
+    per_image = Inference(objective=args.objective, granularity="sample")
     rows = []
     print(f"\n{'task':>4}  {'given':>6}  {'inferred per batch':>18}  {'inferred per image':>18}")
     for t in range(args.tasks):
