@@ -213,7 +213,9 @@ def test_split_cifar100_end_to_end_gg(cifar_root):
     result = run_gg(model, stream, paper_gg_config(batches_per_task=3, batch_size=5), num_tasks=2)
     assert result.at_end == result.after_task and len(result.at_end) == 2
     bn_channels = sum(bn.num_features for bn in model.norm_layers())
-    assert result.bytes_stored == 2 * model.bytes_per_task() + 2 * 2 * bn_channels * 4  # masks + BN mean/var
+    masks = sum(layer.bank.nbytes_per_task for layer in model.mask_layers())
+    assert model.bytes_per_task() == masks + 2 * bn_channels * 4  # masks + BN mean/var (fp32) per task
+    assert result.bytes_stored == 2 * model.bytes_per_task()
     lb = lower_bound(lambda: gem_resnet18(5, nf=4), stream, paper_gg_config(batches_per_task=2, batch_size=5), num_tasks=2)
     assert len(lb.at_end) == 2
 

@@ -483,3 +483,11 @@ def test_only_supsup_without_transfer_runs_on_several_ranks(change, tmp_path):
     with pytest.raises(RunError, match="run it in one process"):
         run(config, tmp_path / "run", world=World(rank=0, size=2))  # refused before any collective
     assert not (tmp_path / "run").exists()
+
+
+def test_per_task_vectors_are_refused_on_several_replicas():
+    model = SupermaskModel(nn.Sequential(nn.Flatten(), nn.Linear(784, 20)), seed=1, bias="per-task", num_classes=10)
+    tasks = PermutedMNIST(synthetic_mnist(), 4, seed=0)
+    with pytest.raises(ValueError, match="per-task biases and norm affines .* are not sent between ranks"):
+        train_round(model, tasks, CONFIG, World(rank=0, size=2))  # refused before any collective
+    assert model.num_tasks == 0 and not model.training_tasks

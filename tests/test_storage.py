@@ -20,7 +20,9 @@ def test_csc_bytes_of_a_small_mask_by_hand():
 def test_masks_cost_one_bit_per_weight_packed():
     model = build_model("gem_resnet18", output_size=5, num_classes=5, seed=0, rule="topk", density=er_density(4), nf=4)
     shapes = masked_shapes(gem_resnet18(5, nf=4))
-    assert model.bytes_per_task() == bitpacked_bytes(shapes) == sum(math.ceil(math.prod(s) / 8) for s in shapes)
+    assert model.mask_bytes_per_task() == bitpacked_bytes(shapes) == sum(math.ceil(math.prod(s) / 8) for s in shapes)
+    channels = sum(bn.num_features for bn in model.norm_layers())
+    assert model.bytes_per_task() == model.mask_bytes_per_task() + 2 * channels * 4  # + BN mean/var in fp32
 
 
 def test_closed_form_equals_counting_real_masks():

@@ -1,7 +1,9 @@
 """Checkpoints: the model's ``state_dict()`` as safetensors (packed masks, per-task BatchNorm statistics,
 layer seeds, scores of tasks in training) plus JSON metadata in the same file's header. No pickle.
-Base weights are not stored: they are regenerated from the seed, and a fingerprint of their signs guards
-against a changed random generator.
+Seeded base weights are not stored: they are regenerated from the seed, and a fingerprint of their signs guards
+against a changed random generator. Kept base weights (``weights="keep"``) are fingerprinted by their sha256 in
+``state_dict()``; ``save_checkpoint(..., base_weights=True)`` also stores them once (as ``base.<module>.weight``
+/ ``.bias``), and loading puts them into the model before the masks.
 
 Nothing in a file is trusted before it is checked. Loading reads the header only, validates every field
 (a ``CheckpointError`` names the field), checks every size against bounds, against the tensor shapes in
@@ -22,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
 from supsup.files import write_atomic
-from supsup.layers import MASK_RULES
+from supsup.layers import MASK_RULES, SupermaskLayer, base_sha256
 from supsup.masks import pack_bits, packed_size
 from supsup.model import SupermaskModel
 
@@ -69,16 +71,34 @@ def describe(model: SupermaskModel) -> dict:
         "bytes_per_task": model.bytes_per_task(),
         "layers": [
             {"name": names[id(layer)], "shape": list(layer.weight.shape), "density": layer.density,
-             "weight_fingerprint": weight_fingerprint(layer.weight)}
+             "weights": "keep" if layer.kept else "seed", "weight_fingerprint": weight_fingerprint(layer.weight)}
             for layer in model.mask_layers()
         ],
     }
 
 
-def checkpoint_bytes(model: SupermaskModel, extra: dict | None = None) -> bytes:
-    """The checkpoint file's bytes: every tensor of ``model.state_dict()``, and the metadata with the
-    sha256 of each tensor. Tasks in training are included (their scores and ids)."""
+def _kept_modules(model: SupermaskModel) -> dict[str, torch.nn.Module]:
+    """Modules holding kept (user-given) base tensors, by qualified name."""
+    return {name: m for name, m in model.named_modules() if getattr(m, "kept", False)}
+
+
+def base_tensors(model: SupermaskModel) -> dict[str, torch.Tensor]:
+    """The kept base weights and frozen biases/affines, as ``base.<module>.weight`` / ``.bias``."""
+    out = {}
+    for name, module in _kept_modules(model).items():
+        for attr in ("weight", "bias"):
+            value = getattr(module, attr, None)
+            if isinstance(value, torch.Tensor):
+                out[f"base.{name}.{attr}"] = value.detach().cpu().contiguous()
+    return out
+
+
+def checkpoint_bytes(model: SupermaskModel, extra: dict | None = None, base_weights: bool = False) -> bytes:
+    """The checkpoint file's bytes: every tensor of ``model.state_dict()`` (and with ``base_weights`` the kept
+    base tensors), and the metadata with the sha256 of each tensor. Tasks in training are included."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if base_weights:
+        tensors.update(base_tensors(model))
     meta = describe(model)
     meta["tensors"] = {k: tensor_sha256(v) for k, v in tensors.items()}
     if extra:
@@ -86,11 +106,15 @@ def checkpoint_bytes(model: SupermaskModel, extra: dict | None = None) -> bytes:
     return save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
 
 
-def save_checkpoint(model: SupermaskModel, path: str | Path, extra: dict | None = None) -> Path:
-    """Write ``model``'s state to ``path`` (a ``.safetensors`` file) atomically. Returns the path."""
+def save_checkpoint(model: SupermaskModel, path: str | Path, extra: dict | None = None,
+                    base_weights: bool = False) -> Path:
+    """Write ``model``'s state to ``path`` (a ``.safetensors`` file) atomically. Returns the path.
+
+    ``base_weights``: also store the kept base weights once (a model with ``weights="keep"`` then loads from
+    the file alone, into a model of the same architecture whatever its weights)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, checkpoint_bytes(model, extra))
+    write_atomic(path, checkpoint_bytes(model, extra, base_weights))
     return path
 
 
@@ -153,6 +177,8 @@ def _validate(meta, path: Path) -> dict:
         if density is not None and (not isinstance(density, (int, float)) or isinstance(density, bool)
                                     or not 0 < density <= 1):
             raise _fail(path, f"{where}.density", f"must be null or a number in (0, 1], got {density!r}")
+        if info.get("weights", "seed") not in ("seed", "keep"):
+            raise _fail(path, f"{where}.weights", f"must be 'seed' or 'keep', got {info.get('weights')!r}")
         if not isinstance(info.get("weight_fingerprint"), str) or not _HEX16.fullmatch(info["weight_fingerprint"]):
             raise _fail(path, f"{where}.weight_fingerprint", "must be 16 hex digits")
     tensors = meta.get("tensors")
@@ -252,10 +278,19 @@ def load_into(model: SupermaskModel, path: str | Path) -> SupermaskModel:
         if list(layer.weight.shape) != info["shape"]:
             raise CheckpointError(f"{path}: layer {i} ({info['name']}) has shape {info['shape']}, the model's is "
                                   f"{list(layer.weight.shape)}")
-        if weight_fingerprint(layer.weight) != info["weight_fingerprint"]:
-            raise CheckpointError(f"{path}: layer {i}'s base weight regenerated from the seed differs from the "
-                                  f"saved one (a different torch random generator?)")
+        if ("keep" if layer.kept else "seed") != info.get("weights", "seed"):
+            raise CheckpointError(f"{path}: layer {i} ({info['name']}) has weights={info.get('weights', 'seed')!r}, "
+                                  f"the model's has weights={'keep' if layer.kept else 'seed'!r}")
     tensors = _read_tensors(meta, path)
+    base = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("base.")]}
+    if base:
+        _put_base(model, base, path)
+    for i, (layer, info) in enumerate(zip(layers, meta["layers"])):
+        if weight_fingerprint(layer.weight) != info["weight_fingerprint"]:
+            raise CheckpointError(f"{path}: layer {i} ({info['name']}): " + (
+                "the model's kept base weights differ from those the masks were learned over" if layer.kept else
+                "the base weight regenerated from the seed differs from the saved one (another torch random "
+                "generator?)"))
     try:
         model.load_state_dict(tensors)
     except RuntimeError as err:
@@ -263,6 +298,24 @@ def load_into(model: SupermaskModel, path: str | Path) -> SupermaskModel:
     for layer, info in zip(layers, meta["layers"]):
         layer.density = info["density"]
     return model
+
+
+@torch.no_grad()
+def _put_base(model: SupermaskModel, base: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy stored kept base tensors into the model's kept modules and fingerprint them again."""
+    kept = _kept_modules(model)
+    for key, value in base.items():
+        name, attr = key[len("base."):].rsplit(".", 1)
+        target = getattr(kept.get(name), attr, None)
+        if not isinstance(target, torch.Tensor) or target.shape != value.shape:
+            raise CheckpointError(f"{path}: stored base tensor {key} {list(value.shape)} has no place of that shape "
+                                  f"in the model (a kept module {name} with a frozen {attr})")
+        target.copy_(value)
+    for module in kept.values():
+        frozen = (module.weight, module.bias)  # a per-task bias (a module) is not part of the base
+        module.base_sha256 = base_sha256(*(t if isinstance(t, torch.Tensor) else None for t in frozen))
+        if isinstance(module, SupermaskLayer):
+            module._cached = None
 
 
 def _meta_shapes(name: str, arch: dict, path: Path) -> list[list[int]]:

@@ -258,6 +258,10 @@ def train_round(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig, wor
     if cfg.batch_size % world.ranks_per_task:
         raise ValueError(f"batch size {cfg.batch_size} cannot be split between the {world.ranks_per_task} ranks "
                          f"that train a task: choose a multiple of {world.ranks_per_task}")
+    if world.replicas > 1 and model.per_task_tensors():
+        raise ValueError("per-task biases and norm affines (bias='per-task', norm_affine='per-task') are not sent "
+                         "between ranks: train this model in one process, or with every rank on the same task "
+                         "group (ranks_per_task = the world size)")
     in_round = sum(count for _, count in groups)
     mine = groups[world.replica] if world.replica < len(groups) else None
     if mine is not None:

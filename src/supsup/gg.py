@@ -15,7 +15,6 @@ from supsup.data.streams import TaskStream
 from supsup.evaluation import evaluate_task
 from supsup.learners import TrainConfig, train_task_group
 from supsup.model import SupermaskModel
-from supsup.storage import bn_statistics_bytes
 from supsup.transfer import RunningMeanScores
 
 
@@ -74,7 +73,6 @@ def run_gg(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig, *, trans
             if on_task is not None:
                 on_task(t, acc)
     result.at_end = [evaluate_task(model, stream, t, "GG").accuracy for t in range(num_tasks)]
-    bn_channels = sum(bn.num_features for bn in model.norm_layers())
-    result.bytes_stored = model.bytes_per_task() * model.num_tasks + bn_statistics_bytes(bn_channels, model.num_tasks)
+    result.bytes_stored = model.bytes_per_task() * model.num_tasks  # masks and per-task BatchNorm statistics
     result.seconds = time.perf_counter() - start
     return result

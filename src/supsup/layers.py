@@ -9,6 +9,7 @@ How a forward picks masks is set by the owning model through ``layer.route``:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Union
@@ -49,19 +50,42 @@ def signed_kaiming_constant(shape: tuple[int, ...], fan_in: int, seed: int) -> t
     return (signs.float() * 2 - 1) * math.sqrt(2.0 / fan_in)
 
 
+def base_sha256(*tensors: torch.Tensor | None) -> torch.Tensor:
+    """sha256 of the tensors' float32 bytes (C order), as ``[32] uint8``: a kept base weight's fingerprint."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            digest.update(t.detach().float().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+
+
 class SupermaskLayer(nn.Module):
-    """Base of masked layers. Subclasses implement ``_forward_with(x, weight)`` and
-    ``_multi_forward(x, weights [c, *shape]) -> [B, c, *out]``."""
+    """Base of masked layers. Subclasses implement ``_forward_with(x, weight)``,
+    ``_stacked_forward(x, weights [K, *shape])`` and ``_multi_forward(x, weights [c, *shape]) -> [B, c, *out]``.
+
+    The base weight is the seeded signed constant, or (``weight=`` given) the user's own weight, kept as a
+    buffer and fingerprinted in ``state_dict()`` by ``base_sha256`` (loading against other weights is an
+    error naming the layer). ``bias`` is None, a frozen tensor, or a per-task ``PerTaskTensor``.
+    """
 
     weight: torch.Tensor
+    channels_first = False  # where the output's channels are: dim 1 (conv) or the last dim
 
-    def _init_supermask(self, shape: tuple[int, ...], fan_in: int, seed: int, rule: str, density: float | None):
+    def _init_supermask(self, shape: tuple[int, ...], fan_in: int, seed: int, rule: str, density: float | None,
+                        weight: torch.Tensor | None = None):
         if rule not in MASK_RULES:
             raise ValueError(f"unknown mask rule {rule!r}; expected one of {MASK_RULES}")
         if rule == "topk" and (density is None or not 0 < density <= 1):
             raise ValueError(f"the topk rule needs a density in (0, 1], got {density}")
         self.seed, self.fan_in, self.rule, self.density = seed, fan_in, rule, density
-        self.register_buffer("weight", signed_kaiming_constant(shape, fan_in, seed), persistent=False)
+        self.kept = weight is not None
+        if weight is not None and tuple(weight.shape) != tuple(shape):
+            raise ValueError(f"kept weight has shape {tuple(weight.shape)}, the layer needs {tuple(shape)}")
+        base = weight.detach().float().clone() if weight is not None else signed_kaiming_constant(shape, fan_in, seed)
+        self.register_buffer("weight", base, persistent=False)
+        self.bias: torch.Tensor | nn.Module | None = None
+        if self.kept:
+            self.register_buffer("base_sha256", base_sha256(base))
         # state_dict: the seed (checked on load, so masks never land on other base weights), the bank's
         # packed masks, and, while tasks train, their scores [K, *shape] and ids [K]
         self.register_buffer("weight_seed", torch.tensor(seed, dtype=torch.int64))
@@ -76,20 +100,32 @@ class SupermaskLayer(nn.Module):
         # (task, bank version, weight dtype, weight device) -> W ⊙ M_task of the last learned task used
         self._cached: tuple[tuple, torch.Tensor] | None = None
 
+    def set_bias(self, bias: torch.Tensor | nn.Module | None) -> None:
+        """A frozen bias ``[out]`` (a buffer, part of the kept weights' fingerprint) or a per-task module."""
+        if isinstance(bias, torch.Tensor):
+            del self.bias
+            self.register_buffer("bias", bias.detach().float().clone(), persistent=False)
+            if self.kept:
+                self.base_sha256 = base_sha256(self.weight, self.bias)
+        else:
+            self.bias = bias
+
     # ------------------------------------------------------------- task life
     @property
     def num_learned(self) -> int:
         return self.bank.num_tasks
 
     def begin_tasks(self, task_ids: list[int], init_scores: torch.Tensor | None = None) -> None:
-        """Create trainable scores ``[K, *shape]`` (Kaiming-uniform, seeded per task, unless given).
+        """Create trainable scores ``[K, *shape]`` (Kaiming-uniform, seeded per task, unless given). Over kept
+        weights with the threshold rule they start positive (their magnitudes): every weight kept, so a task
+        starts from the given network, as in Piggyback.
 
         Ids at or past the bank's end are new tasks; a learned id is retrained and replaced on ``end_tasks``."""
         bound = 1.0 / math.sqrt(self.fan_in)
         if init_scores is None:
             rows = [torch.empty(self.weight.shape).uniform_(-bound, bound, generator=generator(self.seed, "scores", t))
                     for t in task_ids]
-            init_scores = torch.stack(rows)
+            init_scores = torch.stack(rows).abs() if self.kept and self.rule == "threshold" else torch.stack(rows)
         self.scores = nn.Parameter(init_scores.to(self.weight.device, torch.float32).clone())
         self._set_training(list(task_ids))
 
@@ -100,6 +136,11 @@ class SupermaskLayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """Adopt the saved tasks in training (scores and ids, any K) and refuse another base-weight seed."""
+        digest = state_dict.get(prefix + "base_sha256")
+        if self.kept and isinstance(digest, torch.Tensor) and not torch.equal(digest.cpu(), self.base_sha256.cpu()):
+            error_msgs.append(f"{prefix[:-1] or 'layer'}: its masks were learned over other base weights (the kept "
+                              f"weights' sha256 differs): load them into a model converted from the same weights")
+            return
         seed = state_dict.get(prefix + "weight_seed")
         if seed is not None and int(seed) != self.seed:
             error_msgs.append(f"{prefix}weight_seed: saved with base-weight seed {int(seed)}, this layer's is "
@@ -193,6 +234,15 @@ class SupermaskLayer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._masked_forward(x)
+        if self.bias is None:
+            return y
+        if isinstance(self.bias, torch.Tensor):
+            shape = (-1, *([1] * (y.dim() - 2))) if self.channels_first else (-1,)
+            return y + self.bias.to(y.dtype).view(shape)
+        return y + self.bias.broadcast_to(y, self.channels_first)
+
+    def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
         if route is None:
             raise RuntimeError("supermask layer called without a task: call it through SupermaskModel.forward")
@@ -313,19 +363,19 @@ class _PerSampleSuperpose(torch.autograd.Function):
 
 
 class SupermaskLinear(SupermaskLayer):
-    """Bias-free ``nn.Linear`` with a frozen signed-constant weight ``[out, in]`` and supermasks."""
+    """``nn.Linear`` with a frozen base weight ``[out, in]`` and supermasks; inputs ``[B, *, in]``."""
 
     def __init__(self, in_features: int, out_features: int, *, seed: int, rule: str = "threshold",
-                 density: float | None = None):
+                 density: float | None = None, weight: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_supermask((out_features, in_features), in_features, seed, rule, density)
+        self._init_supermask((out_features, in_features), in_features, seed, rule, density, weight)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rule={self.rule}, density={self.density}"
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.in_features:
+        if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
 
     def _forward_with(self, x, weight):
@@ -337,42 +387,77 @@ class SupermaskLinear(SupermaskLayer):
         k = weights.shape[0]
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} cannot be split into {k} equal task chunks")
-        xs = x.reshape(k, x.shape[0] // k, -1)
+        xs = x.reshape(k, -1, self.in_features)  # chunk j: its samples' rows [b * prod(*), in]
         # [K, out, in] @ [K, in, b]: keeps the weight gradient contiguous (no per-step copies)
-        return torch.bmm(weights, xs.transpose(1, 2)).transpose(1, 2).reshape(x.shape[0], -1)
+        return torch.bmm(weights, xs.transpose(1, 2)).transpose(1, 2).reshape(*x.shape[:-1], self.out_features)
 
     def _multi_forward(self, x, weights):
         self._check_input(x)
         c = weights.shape[0]
-        return (x @ weights.reshape(-1, self.in_features).T).view(x.shape[0], c, self.out_features)
+        y = (x @ weights.reshape(-1, self.in_features).T).view(*x.shape[:-1], c, self.out_features)
+        return y.movedim(-2, 1)  # [B, c, *, out]
 
 
-class SupermaskConv2d(SupermaskLayer):
-    """Bias-free ``nn.Conv2d`` with a frozen signed-constant weight ``[out, in/groups, kh, kw]``."""
+def conv_padding(padding, kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
+    """``F.pad`` widths (last dim first) for a numeric, ``"valid"`` or ``"same"`` padding, as ``nn.Conv`` does."""
+    if padding == "valid":
+        padding = (0,) * len(kernel_size)
+    widths: list[int] = []
+    for i in reversed(range(len(kernel_size))):
+        if padding == "same":
+            total = dilation[i] * (kernel_size[i] - 1)
+            widths += [total // 2, total - total // 2]
+        else:
+            widths += [padding[i], padding[i]]
+    return widths
+
+
+class SupermaskConvNd(SupermaskLayer):
+    """``nn.Conv1d/2d/3d`` with a frozen base weight ``[out, in/groups, *kernel]``: every padding mode
+    (zeros, reflect, replicate, circular), numeric or ``"same"``/``"valid"`` padding, stride, dilation, groups.
+    A padding mode other than zeros is applied with ``F.pad``, then the convolution runs unpadded."""
+
+    dims = 2
+    channels_first = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, *, seed: int, rule: str = "threshold", density: float | None = None):
+                 groups: int = 1, padding_mode: str = "zeros", *, seed: int, rule: str = "threshold",
+                 density: float | None = None, weight: torch.Tensor | None = None):
         super().__init__()
-        kh, kw = nn.modules.utils._pair(kernel_size)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = (kh, kw), nn.modules.utils._pair(stride)
-        self.padding, self.dilation, self.groups = padding, nn.modules.utils._pair(dilation), groups
-        shape = (out_channels, in_channels // groups, kh, kw)
-        self._init_supermask(shape, in_channels // groups * kh * kw, seed, rule, density)
+        tup = nn.modules.utils._ntuple(self.dims)
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ValueError(f"padding must be a number, a tuple, 'same' or 'valid'; got {padding!r}")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"unknown padding_mode {padding_mode!r}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = tup(kernel_size), tup(stride), tup(dilation)
+        if padding == "same" and any(s != 1 for s in self.stride):
+            raise ValueError("padding='same' needs stride 1 (as in nn.Conv)")
+        self.padding = padding if isinstance(padding, str) else tup(padding)
+        self.padding_mode = padding_mode
+        self._pad = conv_padding(self.padding, self.kernel_size, self.dilation)
+        self._conv_fn = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self._init_supermask(shape, in_channels // groups * math.prod(self.kernel_size), seed, rule, density, weight)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, rule={self.rule}, density={self.density}")
+                f"padding={self.padding}, padding_mode={self.padding_mode}, dilation={self.dilation}, "
+                f"groups={self.groups}, rule={self.rule}, density={self.density}")
 
     def _conv(self, x, weight, groups):
-        if x.dim() != 4 or x.shape[1] * self.groups != self.in_channels * groups:
-            raise ValueError(f"expected input [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, groups)
+        if x.dim() != self.dims + 2 or x.shape[1] * self.groups != self.in_channels * groups:
+            raise ValueError(f"expected input [B, {self.in_channels}, <{self.dims} spatial dims>], got {tuple(x.shape)}")
+        if self.padding_mode == "zeros":
+            return self._conv_fn(x, weight, None, self.stride, self.padding, self.dilation, groups)
+        x = F.pad(x, self._pad, mode=self.padding_mode)
+        return self._conv_fn(x, weight, None, self.stride, 0, self.dilation, groups)
 
     def _forward_with(self, x, weight):
         return self._conv(x, weight, self.groups)
 
     def _stacked_forward(self, x, weights):
+        """Chunk j of the batch with ``weights[j]``: one grouped convolution over the K stacked chunks."""
         k = weights.shape[0]
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} cannot be split into {k} equal task chunks")
@@ -387,6 +472,68 @@ class SupermaskConv2d(SupermaskLayer):
         y = self._conv(x, weights.reshape(-1, *weights.shape[2:]), self.groups) if self.groups == 1 else \
             torch.stack([self._conv(x, w, self.groups) for w in weights], 1).flatten(1, 2)
         return y.view(x.shape[0], c, self.out_channels, *y.shape[2:])
+
+
+class SupermaskConv1d(SupermaskConvNd):
+    """``nn.Conv1d`` with supermasks; inputs ``[B, C, L]``."""
+
+    dims = 1
+
+
+class SupermaskConv2d(SupermaskConvNd):
+    """``nn.Conv2d`` with supermasks; inputs ``[B, C, H, W]``."""
+
+    dims = 2
+
+
+class SupermaskConv3d(SupermaskConvNd):
+    """``nn.Conv3d`` with supermasks; inputs ``[B, C, D, H, W]``."""
+
+    dims = 3
+
+
+class SupermaskEmbedding(SupermaskLayer):
+    """``nn.Embedding`` with a masked base table ``[num_embeddings, dim]`` (masked like a Linear's weight);
+    inputs are ids ``[B, *]``, outputs ``[B, *, dim]``. Seeded tables are ±1 (the scale of nn.Embedding's
+    N(0, 1)); the ``padding_idx`` row is zero."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, seed: int,
+                 rule: str = "threshold", density: float | None = None, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += num_embeddings
+        self.padding_idx = padding_idx
+        self._init_supermask((num_embeddings, embedding_dim), 2, seed, rule, density, weight)
+        if padding_idx is not None and weight is None:
+            self.weight[padding_idx] = 0
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, rule={self.rule}, "
+                f"density={self.density}")
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dtype not in (torch.int64, torch.int32) or x.dim() < 1:
+            raise ValueError(f"expected integer ids [B, ...], got a {x.dtype} tensor of shape {tuple(x.shape)}")
+
+    def _forward_with(self, x, weight):
+        self._check_input(x)
+        return F.embedding(x, weight, self.padding_idx)
+
+    def _stacked_forward(self, x, weights):
+        self._check_input(x)
+        k = weights.shape[0]
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} cannot be split into {k} equal task chunks")
+        chunk = torch.arange(k, device=x.device).repeat_interleave(x.shape[0] // k)
+        offset = (chunk * self.num_embeddings).view(-1, *([1] * (x.dim() - 1)))
+        return F.embedding(x + offset, weights.reshape(-1, self.embedding_dim))
+
+    def _multi_forward(self, x, weights):
+        self._check_input(x)
+        c = weights.shape[0]
+        table = weights.permute(1, 0, 2).reshape(self.num_embeddings, c * self.embedding_dim)
+        return F.embedding(x, table).view(*x.shape, c, self.embedding_dim).movedim(-2, 1)  # [B, c, *, dim]
 
 
 class MultitaskBatchNorm(nn.Module):

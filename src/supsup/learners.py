@@ -40,7 +40,8 @@ class TrainConfig:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, capturable: bool = False) -> torch.optim.Optimizer:
-    """A fresh optimiser over the scores of the task(s) being trained (elementwise, so per task).
+    """A fresh optimiser over the scores (and per-task vectors) of the task(s) being trained (elementwise, so
+    per task).
 
     ``capturable``: state and learning rate live on the parameters' device (a tensor lr, which schedulers
     update in place), as a CUDA-graphed step needs."""
@@ -157,7 +158,7 @@ def fit_task_group(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig,
     the replica's forward averages the gradients, so the step is the one of the whole batch."""
     ids = model.training_tasks
     graphed = cfg.cuda_graph and model.mask_layers()[0].weight.is_cuda and replica is None
-    optimizer = make_optimizer(model.score_parameters(), cfg, capturable=graphed)
+    optimizer = make_optimizer(model.trainable_parameters(), cfg, capturable=graphed)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.batches_per_task)
                 if cfg.cosine else None)
     model.train()

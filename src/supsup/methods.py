@@ -23,7 +23,6 @@ from supsup.distributed import World, evaluate as evaluate_dealt, train_round
 from supsup.evaluation import evaluate, evaluate_mixed
 from supsup.learners import train_task_group
 from supsup.model import SupermaskModel
-from supsup.storage import bn_statistics_bytes
 from supsup.transfer import RunningMeanScores
 
 OnBatch = Callable[[int, torch.Tensor], None]  # (tasks' batches done, their loss: 0-dim, not synchronised)
@@ -113,9 +112,8 @@ class SupSup:
         return out
 
     def bytes_stored(self) -> int:
-        """Bit-packed masks plus the per-task BatchNorm statistics (fp32) of the learned tasks."""
-        channels = sum(bn.num_features for bn in self.model.norm_layers())
-        return self.model.bytes_per_task() * self.num_tasks + bn_statistics_bytes(channels, self.num_tasks)
+        """Bit-packed masks plus the per-task floats (BatchNorm statistics, biases, affines) of the learned tasks."""
+        return self.model.bytes_per_task() * self.num_tasks
 
     def describe(self) -> dict:
         m = self.model

@@ -84,11 +84,6 @@ def supsup_csc_bytes_closed_form(shapes: list[tuple[int, ...]], multiplier: floa
     return num_tasks * per_task
 
 
-def bn_statistics_bytes(channels: int, num_tasks: int) -> int:
-    """Per-task BatchNorm running mean and variance (fp32) of ``channels`` BN channels in total."""
-    return num_tasks * 2 * channels * FP32
-
-
 def batche_bytes(shapes: list[tuple[int, ...]], num_tasks: int, base_parameters: int) -> int:
     """BatchE: one fp32 base network plus per task a rank-one pair (s: c_out, r: c_in) for every layer."""
     per_task = sum(s[0] + s[1] for s in shapes)

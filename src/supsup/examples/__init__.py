@@ -1,7 +1,9 @@
 """Runnable examples: ``python -m supsup.examples.NAME --help``.
 
 - ``avalanche_permuted_mnist``: the ``SupSup`` Avalanche strategy, with task labels and without;
-- ``lightning_permuted_mnist``: one ``Trainer.fit`` per task, a Lightning checkpoint, every task restored.
+- ``lightning_permuted_mnist``: one ``Trainer.fit`` per task, a Lightning checkpoint, every task restored;
+- ``transformer``: an ``nn.TransformerEncoder`` learning PermutedMNIST rows as tokens, tasks inferred by One-Shot;
+- ``pretrained``: masks over a pretrained CNN's kept weights against masks over seeded weights.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def find_supermask_model(module: torch.nn.Module) -> SupermaskModel:
 class SupSupCallback(pl.Callback):
     """Begins a task in ``setup`` of every fit and freezes it (``end_tasks``) when the fit ends.
 
-    Build the optimiser in ``configure_optimizers`` from ``model.score_parameters()`` (or from
+    Build the optimiser in ``configure_optimizers`` from ``model.trainable_parameters()`` (or from
     ``self.parameters()``, which then holds the new scores): Lightning calls it after ``setup``. A fit
     that stops with an exception leaves its task in training, scores included, so that its last
     checkpoint can resume it."""
@@ -61,9 +61,9 @@ class SupSupCallback(pl.Callback):
         """After every restore: the optimiser must train the scores of the task in training."""
         model = find_supermask_model(pl_module)
         optimised = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        if not all(id(p) in optimised for p in model.score_parameters()):
+        if not all(id(p) in optimised for p in model.trainable_parameters()):
             raise RuntimeError(f"the optimiser does not train the scores of task {model.training_tasks}: build it "
-                               f"in configure_optimizers from model.score_parameters() (SupSupCallback begins "
+                               f"in configure_optimizers from model.trainable_parameters() (SupSupCallback begins "
                                f"the task before Lightning calls configure_optimizers)")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -90,7 +90,7 @@ class SupSupModule(pl.LightningModule):
         return [SupSupCallback()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.model.score_parameters(), self.train_config)
+        return make_optimizer(self.model.trainable_parameters(), self.train_config)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
