@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supsup.bank import MaskBank
-from supsup.masks import masked_weight, topk_keep_many
+from supsup.masks import masked_weight, threshold_weight, topk_keep_many
 from supsup.seeding import generator
 
 MASK_RULES = ("threshold", "topk")
@@ -172,10 +172,9 @@ class SupermaskLayer(nn.Module):
         if self.scores is None:
             raise RuntimeError("no task is being trained: call begin_tasks first")
         if self.rule == "threshold":
-            keep = self.scores >= 0
-        else:
-            keep = self.training_keep if self.training_keep is not None else \
-                topk_keep_many([self.scores], [self.density])[0]
+            return threshold_weight(self.scores, self.weight)  # W ⊙ [s >= 0] in one pass, no mask formed
+        keep = self.training_keep if self.training_keep is not None else \
+            topk_keep_many([self.scores], [self.density])[0]
         return masked_weight(self.scores, self.weight, keep, self.rule)
 
     @torch.no_grad()
