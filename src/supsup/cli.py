@@ -150,7 +150,10 @@ def print_results(results: dict) -> None:
                       f"accuracy with tasks inferred {m['accuracy_inferred']:.4f}")
     if "bytes_per_task" in results:
         extra = f" ({results['bits_per_weight']:.3f} bits per weight)" if "bits_per_weight" in results else ""
-        console.print(f"masks stored: {results['bytes_per_task']:,} bytes per task{extra}")
+        floats = results["bytes_per_task"] - results.get("mask_bytes_per_task", results["bytes_per_task"])
+        extra += f", plus {floats:,} bytes of per-task floats (BatchNorm statistics, biases)" if floats else ""
+        console.print(f"masks stored: {results.get('mask_bytes_per_task', results['bytes_per_task']):,} bytes per "
+                      f"task{extra}")
     elif "bytes_stored" in results:
         console.print(f"stored: {results['bytes_stored']:,} bytes for {len(results['tasks'])} tasks")
     if "seconds" in results:

@@ -141,7 +141,8 @@ class _Run:
             out.update(checkpoint={"file": CHECKPOINT, "sha256": self.checkpoint_sha256, "tasks": self.saved_tasks,
                                    **({"transfer": self.transfer} if self.transfer else {})},
                        bytes_per_task=model.bytes_per_task(), num_weights=model.num_weights(),
-                       bits_per_weight=8 * model.bytes_per_task() / model.num_weights())
+                       mask_bytes_per_task=model.mask_bytes_per_task(),
+                       bits_per_weight=8 * model.mask_bytes_per_task() / model.num_weights())
         if self.matrix.values:
             out["accuracy_matrix"] = self.matrix.to_dict()
         return {**out, "schedule": self.schedule, "progress": self.progress,
