@@ -3,9 +3,12 @@ path (``SupermaskLayer._masked_forward``): same outputs and gradients, taken onl
 
 import pytest
 import torch
+from synthetic_images import synthetic_mnist
 
-from supsup import Superposition
+from supsup import Inference, Superposition, build_model, infer_tasks
+from supsup.data.streams import PermutedMNIST
 from supsup.layers import SupermaskLayer, SupermaskLinear
+from supsup.learners import TrainConfig, train_task_group
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -86,3 +89,24 @@ def test_cached_mix_follows_the_bank():
     want = SupermaskLayer._masked_forward(layer, x)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, want, rtol=RTOL, atol=ATOL)
+
+
+def test_infer_tasks_picks_the_same_tasks_on_trained_masks(monkeypatch):
+    stream = PermutedMNIST(synthetic_mnist(), 4, seed=1)
+    model = build_model("lenet", output_size=10, seed=0)
+    for _ in range(4):
+        train_task_group(model, stream, TrainConfig(batches_per_task=20, batch_size=32, lr=1e-3))
+    model.eval()
+    x = torch.cat([stream.batch(t, "test", torch.arange(8))[0] for t in range(4)])
+    truth = torch.arange(4).repeat_interleave(8)
+
+    def picks():
+        return (torch.stack([infer_tasks(model, x[i : i + 1]) for i in range(x.shape[0])]),
+                infer_tasks(model, x, Inference(granularity="sample")))
+
+    fast = picks()
+    assert all(layer._uniform_cached is not None for layer in model.mask_layers())
+    monkeypatch.setattr(SupermaskLinear, "_masked_forward", SupermaskLayer._masked_forward)
+    general = picks()
+    assert torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
+    assert (fast[0] == truth).float().mean() > 0.5  # the masks are trained: the picks mean something
