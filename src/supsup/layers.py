@@ -99,6 +99,8 @@ class SupermaskLayer(nn.Module):
         self.training_keep: torch.Tensor | None = None
         # (task, bank version, weight dtype, weight device) -> W ⊙ M_task of the last learned task used
         self._cached: tuple[tuple, torch.Tensor] | None = None
+        # (bank version, α₀, weight dtype, weight device) -> W ⊙ (mask_sum · α₀), the uniform superposition
+        self._uniform_cached: tuple[tuple, torch.Tensor] | None = None
 
     def set_bias(self, bias: torch.Tensor | nn.Module | None) -> None:
         """A frozen bias ``[out]`` (a buffer, part of the kept weights' fingerprint) or a per-task module."""
@@ -212,6 +214,15 @@ class SupermaskLayer(nn.Module):
         effective = self.weight * self.bank.mask(task, self.weight.dtype)
         self._cached = (key, effective)
         return effective
+
+    def uniform_weight(self, alpha0: torch.Tensor) -> torch.Tensor:
+        """``W ⊙ (mask_sum · α₀)`` ``[*shape]`` for a 0-dim ``alpha0`` (1/k): the uniform superposition's weight
+        as the shared-α path forms it, cached per (bank version, α₀, dtype, device)."""
+        key = (self.bank.version, float(alpha0), self.weight.dtype, self.weight.device)
+        if self._uniform_cached is None or self._uniform_cached[0] != key:
+            mix = self.bank.mask_sum.view(self.bank.shape) * alpha0.detach()
+            self._uniform_cached = (key, self.weight * mix.to(self.weight.dtype))
+        return self._uniform_cached[1]
 
     def mean_weight(self) -> torch.Tensor:
         """``W ⊙ mean mask`` ``[*shape]`` in the weight's dtype: the uniform superposition's weight."""
@@ -361,6 +372,31 @@ class _PerSampleSuperpose(torch.autograd.Function):
         return grad_x, grad_alpha, None, None
 
 
+class _UniformSuperposeLinear(torch.autograd.Function):
+    """y = x W_mixᵀ for ``x [n, in]`` with ``W_mix = W ⊙ (mask_sum · α₀)`` (uniform α, cached by the layer).
+
+    Backward: ∂L/∂x = δ W_mix and ∂L/∂α_bi = δ_bᵀ (W ⊙ M_i) x_b from the packed bits (``contract_factored``),
+    ``[n, k]`` for per-sample α ``[n, k]``, summed over the n rows for shared α ``[k]``; no ``[out, in]``
+    gradient of the weight is formed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, layer: "SupermaskLinear") -> torch.Tensor:
+        weight = layer.uniform_weight(alpha.reshape(-1)[0])
+        ctx.layer, ctx.weight_mix, ctx.shared = layer, weight, alpha.dim() == 1
+        ctx.save_for_backward(x, alpha)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, alpha = ctx.saved_tensors
+        grad_x = grad_out @ ctx.weight_mix if ctx.needs_input_grad[0] else None
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            grad_alpha = ctx.layer.bank.contract_factored(grad_out, x, ctx.layer.weight)
+            grad_alpha = (grad_alpha.sum(0) if ctx.shared else grad_alpha).to(alpha.dtype)
+        return grad_x, grad_alpha, None
+
+
 class SupermaskLinear(SupermaskLayer):
     """``nn.Linear`` with a frozen base weight ``[out, in]`` and supermasks; inputs ``[B, *, in]``."""
 
@@ -380,6 +416,19 @@ class SupermaskLinear(SupermaskLayer):
     def _forward_with(self, x, weight):
         self._check_input(x)
         return F.linear(x, weight)
+
+    def _masked_forward(self, x):
+        """A uniform superposition of a ``MaskBank`` over 2-D float32 inputs, with α shared over one row or
+        per sample (``[n, k]``, within ``PER_SAMPLE_WEIGHT_BUDGET``), takes ``_UniformSuperposeLinear``;
+        everything else the general path."""
+        route, bank = self.route, self.bank
+        if (isinstance(route, Superposition) and route.uniform and isinstance(bank, MaskBank)
+                and bank.num_tasks > 0 and route.alpha.shape[-1] == bank.num_tasks and x.dim() == 2
+                and x.shape[-1] == self.in_features and x.dtype == self.weight.dtype == torch.float32
+                and (x.shape[0] * bank.num_weights <= PER_SAMPLE_WEIGHT_BUDGET and route.alpha.shape[0] == x.shape[0]
+                     if route.per_sample else x.shape[0] == 1)):
+            return _UniformSuperposeLinear.apply(x, route.alpha, self)
+        return super()._masked_forward(x)
 
     def _stacked_forward(self, x, weights):
         self._check_input(x)
