@@ -31,3 +31,17 @@ def test_results_saved_before_these_fields_still_render():
     table = bench.markdown_table(json.loads(old.read_text()))
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if "|" in line]
     assert ["One-Shot, one image", "lenet k=2,500", "29.398 ms"] in [row[:3] for row in rows]
+
+
+def test_at_80_columns_every_row_prints_whole_lines_within_the_width():
+    from rich.console import Console
+
+    saved = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-full-1thread-2026-12-02-evening.json"
+    results = json.loads(saved.read_text())
+    console = Console(width=80, record=True, color_system=None)
+    bench.print_table(results, console)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for row in results["rows"]:  # each measured figure whole on a line of its own
+        measured = f"{row.get('ms_per_task_batch', row.get('ms')):.3f} ms"
+        assert any(line.startswith("  measured (± spread): " + measured) for line in lines), measured

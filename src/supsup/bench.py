@@ -546,6 +546,7 @@ def _cells(row: dict, device_type: str) -> list[str]:
 
 COLUMNS = ("figure", "setting", "measured (± spread)", "dense, same run", "ratio", "memcpy of the masks, same run",
            "memory", "goal")
+TABLE_WIDTH = 160  # terminal columns from which the results print as a table
 
 
 def print_table(results: dict, console=None) -> None:
@@ -556,11 +557,19 @@ def print_table(results: dict, console=None) -> None:
     console = console or Console()
     meta = results["meta"]
     device_type = meta["device"].split(":")[0]
-    table = make_table(COLUMNS, title=f"supsup bench: {machine_line(meta)}")
-    for row in results["rows"]:
-        cells = [c.replace("**", "") for c in _cells(row, device_type)]
-        table.add_row(*(("[red]" + c) if "error" in row and i == 2 else c for i, c in enumerate(cells)))
-    console.print(table)
+    rows = [[c.replace("**", "") for c in _cells(row, device_type)] for row in results["rows"]]
+    if console.width < TABLE_WIDTH:  # too narrow for 8 columns: a block per row, one line per figure
+        console.print(f"supsup bench: {machine_line(meta)}", highlight=False)
+        for row, cells in zip(results["rows"], rows):
+            console.print(f"\n[bold]{cells[0]}[/bold], {cells[1]}", highlight=False)
+            for head, cell in zip(COLUMNS[2:], cells[2:]):
+                if cell:
+                    console.print(f"  {head}: " + ("[red]" if "error" in row else "") + cell, highlight=False)
+    else:
+        table = make_table(COLUMNS, title=f"supsup bench: {machine_line(meta)}")
+        for row, cells in zip(results["rows"], rows):
+            table.add_row(*(("[red]" + c) if "error" in row and i == 2 else c for i, c in enumerate(cells)))
+        console.print(table)
     console.print(f"{meta.get('seconds', 0)} s; {_load(meta)}; One-Shot on {meta.get('oneshot_images', '?')}")
     load, cores = (meta.get("load_average") or [0])[0], meta.get("cpu_count") or 1
     if device_type == "cpu" and load > cores - 0.5:
