@@ -185,3 +185,35 @@ def test_empty_batches_and_non_finite_inputs_are_handled_explicitly():
     x[2, 5] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or infinite values \(samples \[2\]\)"):
         infer_tasks(model, x, Inference(granularity="sample"))
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_per_sample_task_ids_reuse_each_tasks_weights_within_the_cache_budget(budget, monkeypatch):
+    import supsup.layers
+
+    if budget is not None:  # 0: one task's W ⊙ M kept per layer, the others rebuilt on every use
+        monkeypatch.setattr(supsup.layers, "TASK_WEIGHT_CACHE_BYTES", budget)
+    model = lenet()
+    for _ in range(3):
+        model.begin_tasks(1)
+        with torch.no_grad():
+            for layer in model.mask_layers():
+                layer.scores.normal_()
+        model.end_tasks()
+    model.eval()
+    x, tasks = inputs_for(model, 12), torch.tensor([2, 0, 1] * 4)
+    with torch.no_grad():
+        expected = torch.empty(12, 20)
+        for t in range(3):  # each task's samples as one batch, as the per-sample route groups them
+            expected[tasks == t] = model(x[tasks == t], t)
+        for _ in range(2):  # again from the cache
+            assert torch.equal(model(x, tasks), expected)
+    first = model.mask_layers()[0]
+    assert len(first._cached) == (3 if budget is None else 1)
+    model.begin_tasks(1)
+    with torch.no_grad():
+        first.scores.normal_()
+    model.end_tasks()  # the bank changed: nothing cached before may be used
+    assert len(first._cached) == 0
+    with torch.no_grad():
+        assert torch.equal(model(x, tasks), expected)

@@ -315,7 +315,7 @@ def _put_base(model: SupermaskModel, base: dict[str, torch.Tensor], path: Path) 
         frozen = (module.weight, module.bias)  # a per-task bias (a module) is not part of the base
         module.base_sha256 = base_sha256(*(t if isinstance(t, torch.Tensor) else None for t in frozen))
         if isinstance(module, SupermaskLayer):
-            module._cached = None
+            module._cached.clear()
 
 
 def _meta_shapes(name: str, arch: dict, path: Path) -> list[list[int]]:

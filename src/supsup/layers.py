@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Union
 
@@ -23,6 +24,9 @@ from supsup.masks import masked_weight, threshold_weight, topk_keep_many
 from supsup.seeding import generator
 
 MASK_RULES = ("threshold", "topk")
+#: Bytes of W ⊙ M_task each layer keeps for the learned tasks it used last (at least one task): per-sample task
+#: ids over a mixed stream use every task in every batch, which would otherwise rebuild each task's weight.
+TASK_WEIGHT_CACHE_BYTES = 64 << 20
 
 
 @dataclass
@@ -97,8 +101,9 @@ class SupermaskLayer(nn.Module):
         # top-k rule: bool masks [K, *shape] of the trained tasks, selected for all layers at once by the
         # owning model for the duration of one forward (None: the layer selects its own)
         self.training_keep: torch.Tensor | None = None
-        # (task, bank version, weight dtype, weight device) -> W ⊙ M_task of the last learned task used
-        self._cached: tuple[tuple, torch.Tensor] | None = None
+        # (task, bank version, weight dtype, weight device) -> W ⊙ M_task of the learned tasks used last, oldest
+        # first, within TASK_WEIGHT_CACHE_BYTES
+        self._cached: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         # (bank version, α₀, weight dtype, weight device) -> W ⊙ (mask_sum · α₀), the uniform superposition
         self._uniform_cached: tuple[tuple, torch.Tensor] | None = None
 
@@ -166,7 +171,7 @@ class SupermaskLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self.training_tasks = self.training_ids.tolist()
-        self._cached = None
+        self._cached.clear()
 
     def training_weights(self) -> torch.Tensor:
         """Effective weights ``W ⊙ M`` ``[K, *shape]`` of the tasks being trained; the gradient reaches the
@@ -201,7 +206,7 @@ class SupermaskLayer(nn.Module):
                 raise RuntimeError(f"task {task} cannot be added after {self.bank.num_tasks} learned tasks")
         self.scores = None
         self._set_training([])
-        self._cached = None
+        self._cached.clear()
 
     # ------------------------------------------------------------------ masks
     def _task_weight(self, task: int) -> torch.Tensor:
@@ -209,10 +214,15 @@ class SupermaskLayer(nn.Module):
             weights = self.training_weights()
             return weights.squeeze(0) if weights.shape[0] == 1 else weights[self.training_tasks.index(task)]
         key = (task, self.bank.version, self.weight.dtype, self.weight.device)
-        if self._cached is not None and self._cached[0] == key:
-            return self._cached[1]
+        if key in self._cached:
+            self._cached.move_to_end(key)
+            return self._cached[key]
+        if self._cached and next(iter(self._cached))[1:] != key[1:]:  # the bank, dtype or device changed
+            self._cached.clear()
         effective = self.weight * self.bank.mask(task, self.weight.dtype)
-        self._cached = (key, effective)
+        self._cached[key] = effective
+        while len(self._cached) > max(1, TASK_WEIGHT_CACHE_BYTES // effective.nbytes):
+            self._cached.popitem(last=False)
         return effective
 
     def uniform_weight(self, alpha0: torch.Tensor) -> torch.Tensor:
