@@ -54,6 +54,13 @@ def signed_kaiming_constant(shape: tuple[int, ...], fan_in: int, seed: int) -> t
     return (signs.float() * 2 - 1) * math.sqrt(2.0 / fan_in)
 
 
+def broadcast_frozen(value: torch.Tensor, y: torch.Tensor, channels_first: bool) -> torch.Tensor:
+    """A frozen per-channel tensor (a bias, a norm's affine) shaped to broadcast against ``y`` ``[B, ...]``: on
+    dim 1 (channels first, ``[B, C, *spatial]``) or on the trailing dims (``[B, *, C]``)."""
+    value = value.to(y.dtype)
+    return value.view(-1, *([1] * (y.dim() - 2))) if channels_first else value
+
+
 def base_sha256(*tensors: torch.Tensor | None) -> torch.Tensor:
     """sha256 of the tensors' float32 bytes (C order), as ``[32] uint8``: a kept base weight's fingerprint."""
     digest = hashlib.sha256()
@@ -258,8 +265,7 @@ class SupermaskLayer(nn.Module):
         if self.bias is None:
             return y
         if isinstance(self.bias, torch.Tensor):
-            shape = (-1, *([1] * (y.dim() - 2))) if self.channels_first else (-1,)
-            return y + self.bias.to(y.dtype).view(shape)
+            return y + broadcast_frozen(self.bias, y, self.channels_first)
         return y + self.bias.broadcast_to(y, self.channels_first)
 
     def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:

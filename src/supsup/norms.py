@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from supsup.layers import base_sha256
+from supsup.layers import base_sha256, broadcast_frozen
 from supsup.pertask import PerTaskTensor
 
 
@@ -45,9 +45,7 @@ class NormAffine(nn.Module):
     def _shaped(self, value, y: torch.Tensor) -> torch.Tensor:
         if isinstance(value, PerTaskTensor):
             return value.broadcast_to(y, self.channels_first)
-        if self.channels_first:
-            return value.to(y.dtype).view(-1, *([1] * (y.dim() - 2)))
-        return value.to(y.dtype)
+        return broadcast_frozen(value, y, self.channels_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
