@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
 from supsup.files import write_atomic
-from supsup.layers import MASK_RULES, SupermaskLayer, base_sha256
+from supsup.layers import MASK_RULES
 from supsup.masks import pack_bits, packed_size
 from supsup.model import SupermaskModel
 
@@ -312,10 +312,7 @@ def _put_base(model: SupermaskModel, base: dict[str, torch.Tensor], path: Path) 
                                   f"in the model (a kept module {name} with a frozen {attr})")
         target.copy_(value)
     for module in kept.values():
-        frozen = (module.weight, module.bias)  # a per-task bias (a module) is not part of the base
-        module.base_sha256 = base_sha256(*(t if isinstance(t, torch.Tensor) else None for t in frozen))
-        if isinstance(module, SupermaskLayer):
-            module._cached.clear()
+        module.base_changed()
 
 
 def _meta_shapes(name: str, arch: dict, path: Path) -> list[list[int]]:

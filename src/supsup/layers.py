@@ -120,9 +120,16 @@ class SupermaskLayer(nn.Module):
             del self.bias
             self.register_buffer("bias", bias.detach().float().clone(), persistent=False)
             if self.kept:
-                self.base_sha256 = base_sha256(self.weight, self.bias)
+                self.base_changed()
         else:
             self.bias = bias
+
+    def base_changed(self) -> None:
+        """After the kept base weight or frozen bias changed in place (e.g. loaded from a checkpoint): fingerprint
+        them again and drop every weight built from them."""
+        self.base_sha256 = base_sha256(self.weight, self.bias if isinstance(self.bias, torch.Tensor) else None)
+        self._cached.clear()
+        self._uniform_cached = None
 
     # ------------------------------------------------------------- task life
     @property

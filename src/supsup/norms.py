@@ -33,6 +33,10 @@ class NormAffine(nn.Module):
         if frozen:
             self.register_buffer("base_sha256", base_sha256(*frozen))
 
+    def base_changed(self) -> None:
+        """After the frozen affine changed in place (e.g. loaded from a checkpoint): fingerprint it again."""
+        self.base_sha256 = base_sha256(*(t for t in (self.weight, self.bias) if isinstance(t, torch.Tensor)))
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         digest = state_dict.get(prefix + "base_sha256")
