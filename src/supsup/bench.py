@@ -3,8 +3,9 @@ same shapes in the same run, so the ratios survive a slower or busier machine.
 
 Rows (``run_benchmarks``):
 - ``train``: one training step per task per batch (FC 1024-1024, output 500, batch 128, threshold masks,
-  RMSprop), K = 1 and K tasks batched, against a dense step of the same network (forward + backward;
-  ``dense_step_ms`` adds the optimiser step);
+  RMSprop: the fused step where it applies, and then also torch's, ``unfused_*``), K = 1 and K tasks
+  batched, against a dense step of the same network (forward + backward; ``dense_step_ms`` adds the
+  optimiser step);
 - ``oneshot``: One-Shot task inference on one real MNIST test image (normalised, as a PermutedMNIST task
   feeds it; a different image each repetition; random images only when MNIST is not at hand) against k,
   against a dense forward + backward of the same image and against one ``memcpy`` of as many bytes as
@@ -39,7 +40,9 @@ from torch import nn
 
 from supsup import kernels
 from supsup.architectures import ARCHITECTURES, build_model
+from supsup.fused import ThresholdRMSprop
 from supsup.inference import Inference, infer_tasks
+from supsup.learners import TrainConfig, make_optimizer
 from supsup.model import SupermaskModel
 
 #: The goals of issues 4 and 15 (ms or ratios; CPU goals on one thread), printed beside the measured figures.
@@ -217,23 +220,32 @@ def bench_training(device: torch.device, *, name: str = "fc1024", output_size: i
             loss.backward()
             opt.step()
 
-        for count in counts:
+        def training_step(xs: torch.Tensor, ys: torch.Tensor, count: int,
+                          fused_step: bool) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+            """The step of learners.fit_task_group on K = ``count`` tasks: the fused step where it applies,
+            or (``fused_step=False``) torch's RMSprop."""
             model = build_model(name, output_size=output_size, seed=0).to(device)
             ids = model.begin_tasks(count)
-            optimizer = torch.optim.RMSprop(model.score_parameters(), lr=1e-4)
-            xs = torch.randn(batch * count, 784, device=device)
-            ys = torch.randint(0, 10, (batch * count,), device=device)
+            optimizer = make_optimizer(model, TrainConfig(lr=1e-4, fused_step=fused_step))
             route = ids if count > 1 else ids[0]
 
-            def step():  # the step of learners.train_task_group
+            def step():
                 with _autocast(device, precision):
                     loss = F.cross_entropy(model(xs, route), ys, reduction="sum") / batch
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+            return step, optimizer
 
+        for count in counts:
+            xs = torch.randn(batch * count, 784, device=device)
+            ys = torch.randint(0, 10, (batch * count,), device=device)
+            step, optimizer = training_step(xs, ys, count, fused_step=True)
+            steps = {"supsup": step}
+            if isinstance(optimizer, ThresholdRMSprop):  # against torch's RMSprop, in the same run
+                steps["unfused"] = training_step(xs, ys, count, fused_step=False)[0]
             _peak_reset(device)
-            times = time_interleaved({"supsup": step, "dense": dense_fwd_bwd, "dense_step": dense_step}, device,
+            times = time_interleaved({**steps, "dense": dense_fwd_bwd, "dense_step": dense_step}, device,
                                      reps, budget_s=budget_s)
             ms = {name: times.median(name) for name in times.wall}
             per_task = ms["supsup"] / count
@@ -245,9 +257,12 @@ def bench_training(device: torch.device, *, name: str = "fc1024", output_size: i
                 "spread": spread(times.wall["supsup"]), "dense_spread": spread(times.wall["dense"]),
                 "reps": len(times.wall["dense"]),
             })
+            if "unfused" in steps:
+                rows[-1].update(step="fused", unfused_ms_per_task_batch=ms["unfused"] / count,
+                                unfused_ratio_vs_dense=ms["unfused"] / count / ms["dense"])
             if device.type == "cpu":
                 rows[-1]["cpu_ratio_vs_dense"] = times.median("supsup", "cpu") / count / times.median("dense", "cpu")
-            del model, optimizer, xs, ys
+            del steps, step, optimizer, xs, ys
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -525,7 +540,9 @@ def _cells(row: dict, device_type: str) -> list[str]:
                 f"error: {row['error'][:80]}", "", "", "", "", ""]
     if row["figure"] == "train":
         return ["train, per task per batch", f"{row['model']} K={row['tasks_at_once']} {row['precision']}",
-                f"{row['ms_per_task_batch']:.3f} ms{_spread(row)}",
+                f"{row['ms_per_task_batch']:.3f} ms{_spread(row)}" + (
+                    f" (fused step; torch's RMSprop: {row['unfused_ms_per_task_batch']:.3f} ms, "
+                    f"{row['unfused_ratio_vs_dense']:.2f}x)" if "unfused_ms_per_task_batch" in row else ""),
                 f"{row['dense_fwd_bwd_ms']:.3f} ms{_spread(row, 'dense_spread')} (with optimiser step: "
                 f"{row['dense_step_ms']:.3f})", f"{row['ratio_vs_dense']:.2f}x ({row['ratio_vs_dense_step']:.2f}x)"
                 + (f"; CPU time {row['cpu_ratio_vs_dense']:.2f}x" if "cpu_ratio_vs_dense" in row else ""),

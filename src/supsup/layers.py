@@ -108,6 +108,10 @@ class SupermaskLayer(nn.Module):
         # top-k rule: bool masks [K, *shape] of the trained tasks, selected for all layers at once by the
         # owning model for the duration of one forward (None: the layer selects its own)
         self.training_keep: torch.Tensor | None = None
+        # set by supsup.fused.ThresholdRMSprop while it trains the scores: their gradient is dL/d(W ⊙ M) (the
+        # step applies ⊙ W), and the step leaves (scores, their version, W ⊙ [s >= 0]) for the next forward
+        self.fused_step = False
+        self._stepped: tuple[torch.Tensor, int, torch.Tensor] | None = None
         # (task, bank version, weight dtype, weight device) -> W ⊙ M_task of the learned tasks used last, oldest
         # first, within TASK_WEIGHT_CACHE_BYTES
         self._cached: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -151,6 +155,7 @@ class SupermaskLayer(nn.Module):
         self._set_training(list(task_ids))
 
     def _set_training(self, task_ids: list[int]) -> None:
+        self.fused_step, self._stepped = False, None
         self.training_tasks = task_ids
         self.training_ids = torch.tensor(task_ids, dtype=torch.int64, device=self.training_ids.device)
 
@@ -192,11 +197,17 @@ class SupermaskLayer(nn.Module):
         scores straight through the masks."""
         if self.scores is None:
             raise RuntimeError("no task is being trained: call begin_tasks first")
-        if self.rule == "threshold":
-            return threshold_weight(self.scores, self.weight)  # W ⊙ [s >= 0] in one pass, no mask formed
+        if self.rule == "threshold":  # W ⊙ [s >= 0] in one pass, no mask formed; or the fused step's
+            stepped = self._stepped
+            current = stepped is not None and stepped[0] is self.scores and stepped[1] == self.scores._version
+            return threshold_weight(self.scores, self.weight, stepped[2] if current else None, self.fused_step)
         keep = self.training_keep if self.training_keep is not None else \
             topk_keep_many([self.scores], [self.density])[0]
         return masked_weight(self.scores, self.weight, keep, self.rule)
+
+    def stepped(self, weight: torch.Tensor) -> None:
+        """``weight [K, *shape]`` is ``W ⊙ [s >= 0]`` of the scores as they are now (left by the fused step)."""
+        self._stepped = (self.scores, self.scores._version, weight)
 
     @torch.no_grad()
     def final_masks(self) -> torch.Tensor:

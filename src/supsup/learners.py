@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from supsup import fused
 from supsup.data.streams import TaskStream
 from supsup.model import SupermaskModel
 
@@ -30,6 +31,7 @@ class TrainConfig:
     cosine: bool = False  # cosine-anneal the learning rate over the task's batches
     tasks_at_once: int = 1  # K: tasks trained together as one grouped computation
     cuda_graph: bool = False  # on CUDA, capture the training step once and replay it (see TrainingStep)
+    fused_step: bool = True  # RMSprop over threshold scores on the CPU in one pass (see supsup.fused)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -39,12 +41,23 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, capturable: bool = False) -> torch.optim.Optimizer:
-    """A fresh optimiser over the scores (and per-task vectors) of the task(s) being trained (elementwise, so
-    per task).
+def make_optimizer(trained: SupermaskModel | list[torch.nn.Parameter], cfg: TrainConfig,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    """A fresh optimiser over the task(s) being trained (elementwise, so per task): a model's
+    ``trainable_parameters()`` (scores and per-task vectors), or the given parameters.
 
+    For a model, with ``cfg.fused_step``, RMSprop without weight decay over threshold scores alone on the
+    CPU is ``supsup.fused.ThresholdRMSprop`` (the same update in one pass, the square root correctly rounded).
     ``capturable``: state and learning rate live on the parameters' device (a tensor lr, which schedulers
     update in place), as a CUDA-graphed step needs."""
+    if isinstance(trained, SupermaskModel):
+        layers = [layer for layer in trained.mask_layers() if layer.scores is not None]
+        params = trained.trainable_parameters()
+        if cfg.fused_step and cfg.optimizer == "rmsprop" and cfg.weight_decay == 0 and not capturable \
+                and len(params) == len(layers) and fused.applies_to(layers):
+            return fused.ThresholdRMSprop(layers, lr=cfg.lr)
+    else:
+        params = trained
     if capturable:
         lr, extra = torch.tensor(cfg.lr, device=params[0].device), {"capturable": True}
     else:
@@ -158,7 +171,7 @@ def fit_task_group(model: SupermaskModel, stream: TaskStream, cfg: TrainConfig,
     the replica's forward averages the gradients, so the step is the one of the whole batch."""
     ids = model.training_tasks
     graphed = cfg.cuda_graph and model.mask_layers()[0].weight.is_cuda and replica is None
-    optimizer = make_optimizer(model.trainable_parameters(), cfg, capturable=graphed)
+    optimizer = make_optimizer(model, cfg, capturable=graphed)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.batches_per_task)
                 if cfg.cosine else None)
     model.train()

@@ -48,19 +48,25 @@ class _MaskedWeight(torch.autograd.Function):
 
 
 class _ThresholdWeight(torch.autograd.Function):
-    """``W ⊙ [s >= 0]`` in one pass (no bool mask formed), gradient dL/ds = dL/dW_eff ⊙ W."""
+    """``W ⊙ [s >= 0]`` in one pass (no bool mask formed), or ``formed``, that product already at hand;
+    gradient dL/ds = dL/dW_eff ⊙ W, or dL/dW_eff itself with ``weight_grad`` (for a step that applies ⊙ W)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, formed: torch.Tensor | None,
+                weight_grad: bool) -> torch.Tensor:
         from supsup import kernels  # kernels import this module
 
-        ctx.save_for_backward(weight)
-        return kernels.threshold_select(scores, weight)
+        ctx.weight_grad = weight_grad
+        if not weight_grad:
+            ctx.save_for_backward(weight)
+        return formed.detach() if formed is not None else kernels.threshold_select(scores, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if ctx.weight_grad:
+            return grad, None, None, None
         (weight,) = ctx.saved_tensors
-        return grad * weight, None
+        return grad * weight, None, None, None
 
 
 def kept_count(numel: int, density: float) -> int:
@@ -108,10 +114,14 @@ def masked_weight(scores: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor
     return _MaskedWeight.apply(scores, weight, keep, rule == "topk")
 
 
-def threshold_weight(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def threshold_weight(scores: torch.Tensor, weight: torch.Tensor, formed: torch.Tensor | None = None,
+                     weight_grad: bool = False) -> torch.Tensor:
     """``masked_weight(scores, weight, scores >= 0, "threshold")``, the same values and gradient, in one pass
-    over the scores instead of three (compare, then select); ``scores [K, *shape]``, ``weight [*shape]``."""
-    return _ThresholdWeight.apply(scores, weight)
+    over the scores instead of three (compare, then select); ``scores [K, *shape]``, ``weight [*shape]``.
+
+    ``formed``: ``W ⊙ [s >= 0]`` of these scores, computed already (by the fused step), returned as is.
+    ``weight_grad``: the scores' gradient is dL/d(W ⊙ M), to which the fused step applies ⊙ W itself."""
+    return _ThresholdWeight.apply(scores, weight, formed, weight_grad)
 
 
 _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}

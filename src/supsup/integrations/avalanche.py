@@ -176,7 +176,7 @@ class SupSup(SupervisedTemplate):
         """A fresh optimiser over the scores of the experience's mask. Avalanche calls this before and
         after the model's adaptation; only the second call finds a mask in training."""
         if self.model.supermasks.training_tasks:
-            self.optimizer = make_optimizer(self.model.supermasks.trainable_parameters(), self.train_config)
+            self.optimizer = make_optimizer(self.model.supermasks, self.train_config)
 
     def _after_training_exp(self, **kwargs):
         """After every plugin saw the experience end: drop the optimiser, whose scores the frozen mask

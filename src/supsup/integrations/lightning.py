@@ -90,7 +90,7 @@ class SupSupModule(pl.LightningModule):
         return [SupSupCallback()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.model.trainable_parameters(), self.train_config)
+        return make_optimizer(self.model, self.train_config)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch

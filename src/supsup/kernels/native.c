@@ -34,6 +34,9 @@ typedef struct {
     int failed;
     const float *delta, *x; /* factored contract: g[o, i] = delta[o] x[i] w[o, i], delta [n, P / in], x [n, in] */
     int64_t fan_in;
+    float *scores, *square_avg; /* rmsprop step: updated in place; vec: the weight [P]; out: W ⊙ [s >= 0] */
+    const float *grad;          /* rmsprop step: dL/d(W ⊙ M) [K, P]; first, last: a range of the K P entries */
+    float alpha, one_minus_alpha, eps, neg_lr;
 } job_t;
 
 /* 1 if any of g[0 .. 32) is nonzero (NaN counts as nonzero, so it propagates) */
@@ -426,4 +429,65 @@ void ss_select(const uint8_t *keep, int64_t K, int64_t P, const float *w, float 
 #endif
         for (; p < P; ++p) o[p] = m[p] ? w[p] : 0.0f;
     }
+}
+
+/* One RMSprop step (torch.optim.RMSprop: no momentum, not centred, no weight decay) on threshold scores
+ * s [K, P], from g = grad ⊙ w (the straight-through gradient of W ⊙ [s >= 0]), then out = W ⊙ [s' >= 0]:
+ *   q' = fma((1 - alpha) g, g, alpha q)        (torch's addcmul_ on this build: the same bits)
+ *   s' = s + (-lr g) / (sqrt(q') + eps)          (addcdiv_: the same bits for the same denominator)
+ * alpha, 1 - alpha, eps and lr as torch rounds them to float. sqrt is correctly rounded here; torch's (MKL's)
+ * differs from it in the last bit for some inputs. */
+static void *rmsprop_job(void *arg) {
+    const job_t *J = (const job_t *)arg;
+    const int64_t P = J->P;
+    const float *w = J->vec;
+    for (int64_t i = J->first; i < J->last;) { /* row segment [i, end) of task i / P */
+        const int64_t row = i - i % P, end = row + P < J->last ? row + P : J->last;
+        const float *g = J->grad + row;
+        float *s = J->scores + row, *q = J->square_avg + row, *o = J->out + row;
+        int64_t p = i - row;
+        const int64_t n = end - row;
+#ifdef __AVX512F__
+        const __m512 alpha = _mm512_set1_ps(J->alpha), oma = _mm512_set1_ps(J->one_minus_alpha),
+                     eps = _mm512_set1_ps(J->eps), neg_lr = _mm512_set1_ps(J->neg_lr), zero = _mm512_setzero_ps();
+        for (; p + 16 <= n; p += 16) {
+            const __m512 wv = _mm512_loadu_ps(w + p), gv = _mm512_mul_ps(_mm512_loadu_ps(g + p), wv);
+            const __m512 qv = _mm512_fmadd_ps(_mm512_mul_ps(oma, gv), gv, _mm512_mul_ps(_mm512_loadu_ps(q + p), alpha));
+            _mm512_storeu_ps(q + p, qv);
+            const __m512 sv = _mm512_add_ps(_mm512_loadu_ps(s + p),
+                                            _mm512_div_ps(_mm512_mul_ps(neg_lr, gv), _mm512_add_ps(_mm512_sqrt_ps(qv), eps)));
+            _mm512_storeu_ps(s + p, sv);
+            const __m512 ov = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sv, zero, _CMP_GE_OQ), wv);
+            if (((uintptr_t)(o + p) & 63) == 0) _mm512_stream_ps(o + p, ov); /* no read of the old line */
+            else _mm512_storeu_ps(o + p, ov);
+        }
+        _mm_sfence();
+#endif
+        for (; p < n; ++p) {
+            const float gp = g[p] * w[p];
+            const float qp = __builtin_fmaf(J->one_minus_alpha * gp, gp, q[p] * J->alpha);
+            q[p] = qp;
+            const float sp = s[p] + (J->neg_lr * gp) / (__builtin_sqrtf(qp) + J->eps);
+            s[p] = sp;
+            o[p] = sp >= 0.0f ? w[p] : 0.0f;
+        }
+        i = end;
+    }
+    return NULL;
+}
+
+/* rmsprop_job over scores, square_avg, grad, out [K, P] and w [P], split over threads by entries. */
+void ss_rmsprop_threshold(float *scores, float *square_avg, const float *grad, const float *w, int64_t K, int64_t P,
+                          float alpha, float one_minus_alpha, float eps, float lr, float *out, int threads) {
+    job_t jobs[64];
+    const int64_t n = K * P;
+    threads = clamp_threads(threads, n / 4096);
+    for (int i = 0; i < threads; ++i) {
+        job_t J = {0};
+        J.scores = scores, J.square_avg = square_avg, J.grad = grad, J.vec = w, J.out = out, J.P = P;
+        J.alpha = alpha, J.one_minus_alpha = one_minus_alpha, J.eps = eps, J.neg_lr = -lr;
+        J.first = n * i / threads, J.last = n * (i + 1) / threads;
+        jobs[i] = J;
+    }
+    run_jobs(rmsprop_job, jobs, threads);
 }

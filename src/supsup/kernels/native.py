@@ -61,7 +61,7 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
             os.replace(built, target)  # atomic: concurrent builders all end with a complete file
     lib = ctypes.CDLL(str(target))
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     for name, args, result in (("ss_contract", [ptr, i64, i64, i64, ptr, i64, ptr, i32], i32),
                                ("ss_contract_factored", [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64, ptr, i32],
                                 i32),
@@ -70,7 +70,9 @@ def _build() -> ctypes.CDLL:
                                ("ss_to_tiles", [ptr, i64, i64, ptr, i64, i64], None),
                                ("ss_to_rows", [ptr, i64, i64, i64, ptr], None),
                                ("ss_select", [ptr, i64, i64, ptr, ptr], None),
-                               ("ss_threshold_select", [ptr, i64, i64, ptr, ptr], None)):
+                               ("ss_threshold_select", [ptr, i64, i64, ptr, ptr], None),
+                               ("ss_rmsprop_threshold", [ptr, ptr, ptr, ptr, i64, i64, f32, f32, f32, f32, ptr, i32],
+                                None)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, result
     return lib
@@ -209,6 +211,21 @@ def threshold_select(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     library().ss_threshold_select(scores.data_ptr(), scores.numel() // max(weight.numel(), 1), weight.numel(),
                                   weight.data_ptr(), out.data_ptr())
     return out
+
+
+def rmsprop_threshold(scores: torch.Tensor, square_avg: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor,
+                      lr: float, alpha: float, eps: float, out: torch.Tensor) -> None:
+    """One RMSprop step on threshold scores from ``grad = dL/d(W ⊙ M)`` (the scores' gradient is ``grad ⊙ W``),
+    then ``out = W ⊙ [scores >= 0]``, in one pass: ``scores, square_avg, out`` (updated), ``grad [K, *shape]``
+    and ``weight [*shape]``, all contiguous CPU float32."""
+    tensors = (scores, square_avg, grad, out, weight)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors) \
+            or any(t.shape != scores.shape for t in tensors[:4]) or scores.shape[1:] != weight.shape:
+        raise ValueError(f"rmsprop_threshold needs contiguous CPU float32 [K, *shape] tensors and a [*shape] weight; "
+                         f"got {[(tuple(t.shape), t.dtype) for t in tensors]}")
+    library().ss_rmsprop_threshold(scores.data_ptr(), square_avg.data_ptr(), grad.data_ptr(), weight.data_ptr(),
+                                   scores.shape[0], weight.numel(), alpha, 1 - alpha, eps, lr, out.data_ptr(),
+                                   _threads(4 * scores.numel()))
 
 
 def select(keep: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
