@@ -6,7 +6,8 @@ from pathlib import Path
 
 from supsup import bench
 
-TINY = {"train_counts": (1,), "fc_ks": [], "lenet_ks": [10], "kernel_k": 20, "reps": 3, "precisions": ("fp32",)}
+TINY = {"train_counts": (1,), "fc_ks": [], "lenet_ks": [10], "kernel_k": 20, "reps": 3, "precisions": ("fp32",),
+        "per_sample_batch": 16}
 
 
 def test_a_tiny_run_records_machine_spread_images_and_the_memcpy_ratio(tmp_path, data_root, monkeypatch):
@@ -21,6 +22,11 @@ def test_a_tiny_run_records_machine_spread_images_and_the_memcpy_ratio(tmp_path,
     assert train["spread"] >= 0 and train["reps"] == 3
     assert oneshot["mask_bytes"] == 10 * 39_400
     assert abs(oneshot["ratio_vs_memcpy"] - oneshot["ms"] / oneshot["memcpy_ms"]) < 1e-9
+    (per_sample,) = [r for r in results["rows"] if r["figure"] == "per-sample"]
+    assert per_sample["batch"] == 16 and per_sample["k"] == 50
+    assert abs(per_sample["ratio_vs_forwards"] - per_sample["ms"] / per_sample["forwards_ms"]) < 1e-9
+    if bench.kernels.backend_for(bench.torch.device("cpu")) == "native":  # the fused step, timed against torch's
+        assert train["step"] == "fused" and train["unfused_ms_per_task_batch"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == results["rows"]
     table = bench.markdown_table(results)
     assert meta["cpu"] in table.splitlines()[0] and "memcpy of the masks" in table

@@ -70,6 +70,37 @@ def test_mixed_stream_per_sample_inference_routes_each_sample(trained):
         evaluate_mixed(model, stream, Inference(granularity="image"))
 
 
+def test_per_sample_figures_do_not_depend_on_how_many_samples_are_inferred_together(trained, monkeypatch):
+    from supsup import evaluation
+
+    model, stream = trained
+    how = Inference(granularity="sample")
+
+    def figures():
+        return (evaluation.evaluate_task(model, stream, 1, "GNu", how).as_dict(),
+                evaluation.evaluate_mixed(model, stream, how, per_task=400, seed=3).as_dict())
+
+    together = figures()  # LeNet on flat images: SAMPLE_BATCH (1,024) samples per pass
+    monkeypatch.setattr(evaluation, "SAMPLE_BATCH", 1)  # the evaluation's batches of 128
+    assert figures() == together
+
+
+def test_classes_with_inferred_tasks_reuse_the_given_tasks_predictions_only_where_the_tasks_agree(trained):
+    import torch
+
+    from supsup.evaluation import _classified_with, predict
+
+    model, stream = trained
+    x, y = stream.test_set(2)
+    x, y = x[:300], y[:300]
+    tasks = torch.full((300,), 2)
+    tasks[::3] = torch.arange(100) % 3  # a third inferred as tasks 0, 1, 2
+    correct_given = predict(model, x, 2) == y
+    got = _classified_with(model, x, y, tasks, correct_given, tasks != 2)
+    assert torch.equal(got, predict(model, x, tasks) == y)
+    assert not torch.equal(got, correct_given)  # the other tasks' rows were classified again
+
+
 def test_training_step_without_a_graph_is_the_plain_step():
     import torch
     import torch.nn.functional as F

@@ -10,6 +10,8 @@ Rows (``run_benchmarks``):
   feeds it; a different image each repetition; random images only when MNIST is not at hand) against k,
   against a dense forward + backward of the same image and against one ``memcpy`` of as many bytes as
   the masks take (the floor of any method that reads every mask once); with the peak memory;
+- ``per-sample``: per-sample One-Shot of a batch of real MNIST test images over 50 LeNet masks against the
+  50 masked forwards of that batch;
 - ``kernel``: the bank's two primitives (``contract`` = M @ g, ``superpose`` = Σ α_i M_i) per backend,
   as effective bandwidth over the packed bits.
 
@@ -57,6 +59,7 @@ GOALS = {
     ("oneshot", "cpu", "lenet", 10000): "<= 30 ms",
     ("oneshot", "cuda", "lenet", 2500): "<= 0.2 ms, masks <= 100 MB (H200)",
     ("oneshot", "cuda", "lenet", 100000): "<= 2 ms, fits in memory",
+    ("per-sample", "cpu", 1024): "<= 1.0x the k masked forwards",
 }
 
 
@@ -397,6 +400,31 @@ def bench_oneshot(device: torch.device, name: str, ks: list[int], *, output_size
 
 
 # ------------------------------------------------------------------------------------------ kernels
+def bench_per_sample(device: torch.device, *, k: int = 50, batch: int = 1024, reps: int = 7,
+                     budget_s: float = 30.0, images: torch.Tensor | None = None) -> list[dict]:
+    """Per-sample One-Shot (``granularity="sample"``) of a batch of real MNIST test images over k LeNet masks,
+    against the k masked forwards of the same batch (what choosing by trying every task would cost)."""
+    model = random_bank_model("lenet", k, device)
+    x = (images if images is not None else oneshot_images(device, batch)[0])[:batch]
+    how = Inference(granularity="sample")
+
+    @torch.no_grad()
+    def masked_forwards():
+        for task in range(k):
+            model(x, task)
+
+    times = time_interleaved({"per_sample": lambda: infer_tasks(model, x, how), "forwards": masked_forwards},
+                             device, reps, budget_s=budget_s)
+    ms = {side: times.median(side) for side in times.wall}
+    row = {"figure": "per-sample", "model": "lenet", "k": k, "batch": x.shape[0], "ms": ms["per_sample"],
+           "forwards_ms": ms["forwards"], "ratio_vs_forwards": ms["per_sample"] / ms["forwards"],
+           "spread": spread(times.wall["per_sample"]), "forwards_spread": spread(times.wall["forwards"]),
+           "reps": len(times.wall["forwards"])}
+    if device.type == "cpu":
+        row["cpu_ratio_vs_forwards"] = times.median("per_sample", "cpu") / times.median("forwards", "cpu")
+    return [row]
+
+
 def bench_kernels(device: torch.device, *, num_bits: int = 315_200, k: int = 2500, reps: int = 10,
                   backends: tuple[str, ...] | None = None, budget_s: float = 10.0) -> list[dict]:
     """``contract`` and ``superpose`` over ``k`` random masks of ``num_bits`` bits, per backend, each given its
@@ -431,14 +459,14 @@ def _plan(device: torch.device, quick: bool) -> dict:
     if device.type == "cuda":
         if quick:
             return {"train_counts": (1, 16), "fc_ks": [10, 250], "lenet_ks": [10, 2500], "kernel_k": 2500,
-                    "reps": 20, "precisions": ("fp32",)}
+                    "reps": 20, "precisions": ("fp32",), "per_sample_batch": 1024}
         return {"train_counts": (1, 250), "fc_ks": [10, 250, 2500], "lenet_ks": [10, 250, 2500, 10000, 100000],
-                "kernel_k": 2500, "reps": 30, "precisions": ("fp32", "tf32", "bf16")}
+                "kernel_k": 2500, "reps": 30, "precisions": ("fp32", "tf32", "bf16"), "per_sample_batch": 1024}
     if quick:
         return {"train_counts": (1, 4), "fc_ks": [10, 50], "lenet_ks": [10, 250, 1000], "kernel_k": 250,
-                "reps": 7, "precisions": ("fp32",)}
+                "reps": 7, "precisions": ("fp32",), "per_sample_batch": 128}
     return {"train_counts": (1, 4, 8), "fc_ks": [10, 50, 250, 1000], "lenet_ks": [10, 250, 2500, 10000],
-            "kernel_k": 2500, "reps": 21, "precisions": ("fp32",)}
+            "kernel_k": 2500, "reps": 21, "precisions": ("fp32",), "per_sample_batch": 1024}
 
 
 def run_benchmarks(device: str | torch.device = "cpu", quick: bool = False, json_path: str | Path | None = None,
@@ -474,6 +502,10 @@ def run_benchmarks(device: str | torch.device = "cpu", quick: bool = False, json
     parts += [(f"train {p}", lambda p=p: bench_training(device, counts=tuple(settings["train_counts"]), reps=reps,
                                                          precision=p))
               for p in precisions[1:]]
+    if settings.get("per_sample_batch"):
+        batch = settings["per_sample_batch"]
+        parts.append((f"per-sample B={batch}", lambda: bench_per_sample(
+            device, batch=batch, reps=min(reps, 7), images=oneshot_images(device, batch)[0])))
     parts.append(("kernels", lambda: bench_kernels(device, k=settings["kernel_k"], reps=reps)))
     for what, part in parts:
         if deadline is not None and time.perf_counter() > deadline:
@@ -506,6 +538,8 @@ def _goal(row: dict, device_type: str) -> str:
                1 if row["tasks_at_once"] == 1 else "batched")
     elif row["figure"] == "oneshot":
         key = ("oneshot", device_type, row["model"], row["k"])
+    elif row["figure"] == "per-sample":
+        key = ("per-sample", device_type, row["batch"])
     else:
         return ""
     return GOALS.get(key, "")
@@ -557,6 +591,13 @@ def _cells(row: dict, device_type: str) -> list[str]:
                 f"{row['dense_fwd_bwd_ms']:.3f} ms", f"{row['ratio_vs_dense']:.1f}x", memcpy,
                 f"masks {_mb(row['mask_bytes'])} ({row['bytes_per_task']:,} B/task; float32: "
                 f"{row['float32_bytes_per_task']:,})", _goal(row, device_type)]
+    if row["figure"] == "per-sample":
+        return [f"One-Shot per sample, {row['batch']:,} images", f"{row['model']} k={row['k']:,}",
+                f"{row['ms']:.1f} ms{_spread(row)}",
+                f"{row['k']} masked forwards: {row['forwards_ms']:.1f} ms{_spread(row, 'forwards_spread')}",
+                f"{row['ratio_vs_forwards']:.2f}x" + (f"; CPU time {row['cpu_ratio_vs_forwards']:.2f}x"
+                                                     if "cpu_ratio_vs_forwards" in row else ""),
+                "", "", _goal(row, device_type)]
     return [f"kernel {row['op']}", f"{row['backend']}, k={row['k']:,}, P={row['num_bits']:,}", f"{row['ms']:.3f} ms",
             "", "", "", f"{row['packed_gb_per_s']:.1f} GB/s of packed bits", ""]
 

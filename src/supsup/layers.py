@@ -453,14 +453,13 @@ class SupermaskLinear(SupermaskLayer):
 
     def _masked_forward(self, x):
         """A uniform superposition of a ``MaskBank`` over 2-D float32 inputs, with α shared over one row or
-        per sample (``[n, k]``, within ``PER_SAMPLE_WEIGHT_BUDGET``), takes ``_UniformSuperposeLinear``;
+        per sample (``[n, k]``, any n: no per-sample weights are formed), takes ``_UniformSuperposeLinear``;
         everything else the general path."""
         route, bank = self.route, self.bank
         if (isinstance(route, Superposition) and route.uniform and isinstance(bank, MaskBank)
                 and bank.num_tasks > 0 and route.alpha.shape[-1] == bank.num_tasks and x.dim() == 2
                 and x.shape[-1] == self.in_features and x.dtype == self.weight.dtype == torch.float32
-                and (x.shape[0] * bank.num_weights <= PER_SAMPLE_WEIGHT_BUDGET and route.alpha.shape[0] == x.shape[0]
-                     if route.per_sample else x.shape[0] == 1)):
+                and (route.alpha.shape[0] == x.shape[0] if route.per_sample else x.shape[0] == 1)):
             return _UniformSuperposeLinear.apply(x, route.alpha, self)
         return super()._masked_forward(x)
 
