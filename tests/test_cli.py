@@ -446,6 +446,24 @@ def test_bad_input_ends_with_one_clear_line_and_changes_nothing(case, runs, tmp_
     assert snapshot(paths.run, paths.other, paths.work, data_root) == before
 
 
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_a_run_saved_before_a_setting_existed_still_evaluates_and_resumes(command, runs, tmp_path, data_root,
+                                                                          capsys):
+    """A setting added since the run was saved (here train.fused_step) reads as its default, in the checkpoint
+    as in results.json: the two still belong together."""
+    p = Paths(*runs, tmp_path, data_root)
+    edit_checkpoint(edit_meta=lambda meta: meta["extra"]["run"]["config"]["train"].pop("fused_step"))(p)
+    results = json.loads((p.copy / "results.json").read_text())
+    results["config"]["train"].pop("fused_step")
+    if command == "resume":
+        results["status"] = "interrupted"
+    (p.copy / "results.json").write_text(json.dumps(results))
+    argv = ["eval", p.copy] if command == "eval" else ["run", "--resume", p.copy]
+    code, out, err = supsup(capsys, *argv, "--data-root", data_root)
+    assert code == 0, out + err
+    assert json.loads((p.copy / "results.json").read_text())["status"] == "complete"
+
+
 def test_the_table_covers_at_least_seventy_cases():
     assert len(CASES) >= 70
 

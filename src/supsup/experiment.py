@@ -26,7 +26,7 @@ from supsup.checks import check_device, check_run, why_not_resumable
 from supsup.loggers import Logs, RunLog, TensorBoardLog
 from supsup.methods import SupSup, architecture_kwargs, headline, make_method
 from supsup.rundir import (CHECKPOINT, CONFUSION, MATRIX, METRICS, RESULTS, TENSORBOARD, TRANSFER, RunDirectory,
-                           RunError, require_same)
+                           RunError, as_saved_now, require_same)
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -205,7 +205,8 @@ def _resume(directory: RunDirectory, config: RunConfig, session: _Run) -> None:
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise RunError(f"{directory.checkpoint} is not a checkpoint of a `supsup run` (no run state)")
     advice = f"{directory.path} mixes files of different runs; start a new run with --force or another --out"
-    require_same(f"{directory.checkpoint.name} and {RESULTS} configs", state["config"], config.to_dict(), advice)
+    require_same(f"{directory.checkpoint.name} and {RESULTS} configs", as_saved_now(state["config"]),
+                 config.to_dict(), advice)
     require_same(f"the data of {directory.checkpoint.name} and of this run", state["data"], session.data, advice)
     try:
         load_into(session.method.model, directory.checkpoint)
@@ -440,7 +441,7 @@ def reevaluate(run_dir: str | Path, config: RunConfig, data_root=None, log: RunL
     state = (meta.get("extra") or {}).get("run") or {}
     saved = RunConfig.from_dict(results["config"]).to_dict()
     advice = f"the files of {directory.path} do not belong together"
-    require_same(f"{CHECKPOINT} and {RESULTS} configs", state.get("config") or {}, saved, advice)
+    require_same(f"{CHECKPOINT} and {RESULTS} configs", as_saved_now(state.get("config") or {}), saved, advice)
     architecture = {"name": config.model, "output_size": config.output_size, **architecture_kwargs(config)}
     require_same(f"{CHECKPOINT} and the model of {RESULTS}",
                  {"seed": meta["seed"], "architecture": meta["architecture"]},

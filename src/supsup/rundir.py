@@ -112,6 +112,18 @@ def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def as_saved_now(config: dict) -> dict:
+    """A config saved in a checkpoint, in today's form: settings added since it was written read as their
+    defaults (as ``RunConfig.from_dict`` reads results.json). A config that does not read is returned as it is,
+    so that the comparison names what differs."""
+    if not config:
+        return config
+    try:
+        return RunConfig.from_dict(config).to_dict()
+    except ValueError:
+        return config
+
+
 def require_same(what: str, saved: dict, now: dict, advice: str) -> None:
     """Refuse (``RunError``) when ``saved`` and ``now`` differ outside ``FREE_FIELDS``, naming the fields."""
     diff = _differences(saved, now)
