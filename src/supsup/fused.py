@@ -58,7 +58,9 @@ class ThresholdRMSprop(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0)
                 state["square_avg"] = torch.zeros_like(scores, memory_format=torch.preserve_format)
             state["step"] += 1
-            weight = self._next_weights.setdefault(scores, torch.empty_like(scores))
+            weight = self._next_weights.get(scores)
+            if weight is None:
+                weight = self._next_weights[scores] = torch.empty_like(scores)
             native.rmsprop_threshold(scores, state["square_avg"], scores.grad.contiguous(), layer.weight,
                                      float(group["lr"]), group["alpha"], group["eps"], weight)
             for changed in (scores, weight):  # in place, outside torch: a graph that saved them must not use them
