@@ -139,6 +139,19 @@ def test_an_optimiser_without_the_tasks_scores_is_refused():
         trainer(1, callbacks=[SupSupCallback()]).fit(UsersModule(optimise_scores=False), data)
 
 
+@pytest.mark.parametrize("fused_step", [True, False])
+def test_the_module_fits_with_the_fused_step_or_torchs_rmsprop(fused_step):
+    from supsup.fused import ThresholdRMSprop
+    from supsup.kernels import native
+
+    module = SupSupModule(lenet(), fused_step=fused_step)
+    data = DataLoader(TensorDataset(torch.randn(64, 784), torch.randint(0, 10, (64,))), batch_size=32)
+    fitted = trainer(1)
+    fitted.fit(module, data)
+    assert isinstance(fitted.optimizers[0], ThresholdRMSprop) == (fused_step and native.available())
+    assert module.model.num_tasks == 1
+
+
 def test_the_callback_needs_exactly_one_supermask_model():
     class Two(UsersModule):
         def __init__(self):

@@ -11,6 +11,9 @@ The update is RMSprop's (``torch.optim.RMSprop``: no momentum, not centred) oper
 the same float32 roundings, but with a correctly rounded square root: torch's CPU ``sqrt`` (MKL's) differs
 from it in the last bit for about 0.6 % of inputs, so the scores drift apart from the unfused step's by a
 few units in the last place (``tests/test_fused.py`` measures what that does to the masks).
+
+Code that reads or changes the scores' gradients between the backward and the step (gradient clipping, for
+one) sees dL/d(W ⊙ M), not dL/ds: use ``TrainConfig(fused_step=False)`` for that.
 """
 
 from __future__ import annotations

@@ -155,18 +155,20 @@ class SupSup(SupervisedTemplate):
     gives them; otherwise each sample's mask is inferred.
 
     The optimiser is rebuilt for every experience over that experience's scores (``optimizer``: one of
-    ``rmsprop``, ``adam``, ``sgd``, with ``lr``, ``weight_decay`` and, for SGD, ``momentum``); the other
-    arguments are ``SupervisedTemplate``'s."""
+    ``rmsprop``, ``adam``, ``sgd``, with ``lr``, ``weight_decay`` and, for SGD, ``momentum``; ``fused_step=False``
+    for torch's RMSprop, e.g. for a plugin that clips the scores' gradients, which the fused step leaves as
+    dL/d(W ⊙ M)); the other arguments are ``SupervisedTemplate``'s."""
 
     def __init__(self, *, model: SupSupModel, optimizer: str = "rmsprop", lr: float = 1e-4,
-                 weight_decay: float = 0.0, momentum: float = 0.9, criterion=None, train_mb_size: int = 128,
+                 weight_decay: float = 0.0, momentum: float = 0.9, fused_step: bool = True, criterion=None,
+                 train_mb_size: int = 128,
                  train_epochs: int = 1, eval_mb_size: int | None = None, device: str | torch.device = "cpu",
                  plugins=None, evaluator=default_evaluator, eval_every: int = -1, **base_kwargs):
         if not isinstance(model, SupSupModel):
             raise TypeError(f"SupSup needs a SupSupModel, got {type(model).__name__}: "
                             f"wrap your SupermaskModel as SupSupModel(model)")
         self.train_config = TrainConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                        batch_size=train_mb_size)
+                                        batch_size=train_mb_size, fused_step=fused_step)
         super().__init__(model=model, optimizer=None, criterion=criterion or nn.CrossEntropyLoss(),
                          train_mb_size=train_mb_size, train_epochs=train_epochs, eval_mb_size=eval_mb_size,
                          device=device, plugins=[*(plugins or []), SupSupPlugin()], evaluator=evaluator,

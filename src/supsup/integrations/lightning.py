@@ -73,14 +73,16 @@ class SupSupCallback(pl.Callback):
 class SupSupModule(pl.LightningModule):
     """Trains a ``SupermaskModel``, one task per ``Trainer.fit``, on batches ``(x, y)``: cross-entropy
     over all outputs, the optimiser of ``supsup.learners.make_optimizer`` over the task's scores
-    (``optimizer``: rmsprop, adam or sgd). ``forward(x, task)`` is the model's. Logs ``train_loss``
+    (``optimizer``: rmsprop, adam or sgd; ``fused_step=False`` for torch's RMSprop, e.g. to clip the scores'
+    gradients, which the fused step leaves as dL/d(W ⊙ M)). ``forward(x, task)`` is the model's. Logs ``train_loss``
     and, for validation batches, ``val_accuracy``."""
 
     def __init__(self, model: SupermaskModel, *, optimizer: str = "rmsprop", lr: float = 1e-4,
-                 weight_decay: float = 0.0, momentum: float = 0.9):
+                 weight_decay: float = 0.0, momentum: float = 0.9, fused_step: bool = True):
         super().__init__()
         self.model = model
-        self.train_config = TrainConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        self.train_config = TrainConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                        fused_step=fused_step)
         self.save_hyperparameters(ignore=["model"])
 
     def forward(self, x: torch.Tensor, task) -> torch.Tensor:
