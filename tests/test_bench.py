@@ -1,8 +1,11 @@
 """The bench records what its figures need to be read: the machine, its load, each row's spread, One-Shot on
 real MNIST images, and One-Shot as a ratio to a memcpy of the masks' bytes measured in the same run."""
 
+import itertools
 import json
 from pathlib import Path
+
+import pytest
 
 from supsup import bench
 
@@ -39,15 +42,23 @@ def test_results_saved_before_these_fields_still_render():
     assert ["One-Shot, one image", "lenet k=2,500", "29.398 ms"] in [row[:3] for row in rows]
 
 
-def test_at_80_columns_every_row_prints_whole_lines_within_the_width():
+@pytest.mark.parametrize("name", ["cpu-full-1thread-2026-12-02-evening.json", "cpu-full-1thread-2026-12-02-fused-2.json"])
+def test_at_80_columns_every_row_prints_whole_lines_within_the_width(name):
     from rich.console import Console
 
-    saved = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-full-1thread-2026-12-02-evening.json"
-    results = json.loads(saved.read_text())
+    results = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name).read_text())
     console = Console(width=80, record=True, color_system=None)
     bench.print_table(results, console)
-    lines = console.export_text().splitlines()
-    assert max(len(line) for line in lines) <= 80
-    for row in results["rows"]:  # each measured figure whole on a line of its own
-        measured = f"{row.get('ms_per_task_batch', row.get('ms')):.3f} ms"
-        assert any(line.startswith("  measured (± spread): " + measured) for line in lines), measured
+    blocks = console.export_text().split("\n\n")[1:]  # after the machine's lines, a block per row
+    device = results["meta"]["device"].split(":")[0]
+    assert len(blocks) == len(results["rows"])
+    for block, row in zip(blocks, results["rows"]):
+        title, *lines = block.strip("\n").splitlines()
+        fields = list(itertools.takewhile(lambda line: line.startswith("  "), lines))
+        if len(fields) < len(lines):  # only the footer (seconds, load, images) may follow, after the last row
+            assert row is results["rows"][-1] and lines[len(fields)].startswith(f"{results['meta']['seconds']} s")
+        cells = bench._cells(row, device)
+        assert title == f"{cells[0]}, {cells[1]}"
+        assert all(len(line) <= 80 for line in fields), block  # every field whole: nothing folded
+        measured = cells[2].replace("**", "")
+        assert f"  measured (± spread): {measured}" in fields
