@@ -399,7 +399,7 @@ def bench_oneshot(device: torch.device, name: str, ks: list[int], *, output_size
     return rows
 
 
-# ------------------------------------------------------------------------------------------ kernels
+# ------------------------------------------------------------------------------------------ per-sample
 def bench_per_sample(device: torch.device, *, k: int = 50, batch: int = 1024, reps: int = 7,
                      budget_s: float = 30.0, images: torch.Tensor | None = None) -> list[dict]:
     """Per-sample One-Shot (``granularity="sample"``) of a batch of real MNIST test images over k LeNet masks,
@@ -425,6 +425,7 @@ def bench_per_sample(device: torch.device, *, k: int = 50, batch: int = 1024, re
     return [row]
 
 
+# ------------------------------------------------------------------------------------------ kernels
 def bench_kernels(device: torch.device, *, num_bits: int = 315_200, k: int = 2500, reps: int = 10,
                   backends: tuple[str, ...] | None = None, budget_s: float = 10.0) -> list[dict]:
     """``contract`` and ``superpose`` over ``k`` random masks of ``num_bits`` bits, per backend, each given its
