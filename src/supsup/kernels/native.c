@@ -461,7 +461,6 @@ static void *rmsprop_job(void *arg) {
             if (((uintptr_t)(o + p) & 63) == 0) _mm512_stream_ps(o + p, ov); /* no read of the old line */
             else _mm512_storeu_ps(o + p, ov);
         }
-        _mm_sfence();
 #endif
         for (; p < n; ++p) {
             const float gp = g[p] * w[p];
@@ -473,6 +472,9 @@ static void *rmsprop_job(void *arg) {
         }
         i = end;
     }
+#ifdef __AVX512F__
+    _mm_sfence(); /* the streamed stores are visible before the job returns */
+#endif
     return NULL;
 }
 
